@@ -1,0 +1,1 @@
+"""picomaml: meta-learning during pretraining of pico-decoder language models."""

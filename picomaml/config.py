@@ -1,0 +1,83 @@
+"""Config plumbing shared by the entry points: resolvers, checked instantiation, clear errors.
+
+Every section of the composed config becomes a typed object (a dataclass or a Lightning object) before
+any training starts, so a typo'd key or an out-of-range value fails with one message that names it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+class ConfigError(ValueError):
+    """A bad config value or key, found before training. The message names the key and what is allowed."""
+
+
+def register_resolvers() -> None:
+    """Resolvers used by conf/hydra/default.yaml (idempotent: Hydra may import us more than once)."""
+    if not OmegaConf.has_resolver("picomaml.uniq"):
+        # 6 hex digits: two sweeps started in the same second still get different directories
+        OmegaConf.register_new_resolver("picomaml.uniq", lambda: secrets.token_hex(3), use_cache=True)
+    if not OmegaConf.has_resolver("picomaml.run_dir"):
+        OmegaConf.register_new_resolver("picomaml.run_dir", _run_dir, use_cache=True)
+
+
+def _run_dir(run_name: str | None) -> str:
+    if run_name:
+        return f"runs/{run_name}"
+    return datetime.now().strftime("%Y-%m-%d/%H-%M-%S") + f"-{secrets.token_hex(3)}"
+
+
+def group_options(group: str) -> list[str]:
+    """The names a user can pick in a config group, e.g. `group_options("model")` -> ['11m', ...]."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def instantiate_section(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate(cfg[key])`, turning the many ways it can fail into one ConfigError."""
+    section = cfg.get(key)
+    if section is None:
+        raise ConfigError(f"config section '{key}' is missing (options: {', '.join(group_options(key))})")
+    try:
+        return hydra.utils.instantiate(section, _convert_="all", **kwargs)
+    except Exception as err:  # hydra wraps the constructor's error; report the innermost cause
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ConfigError(f"{key}: {_describe(cause)}") from err
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err)
+    if isinstance(err, TypeError) and "unexpected keyword argument" in text:
+        name = text.split("unexpected keyword argument")[-1].strip(" '\"")
+        return f"unknown key '{name}'"
+    return text
+
+
+def resolve_precision(precision: str | int, accelerator: str) -> str:
+    """Map `auto` to the fast, safe precision of this device: bf16-mixed on bf16 GPUs and AMX CPUs."""
+    if str(precision) != "auto":
+        return str(precision)
+    use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_amx_bf16() else "32-true"
+
+
+def cpu_has_amx_bf16() -> bool:
+    """True on CPUs with AMX bf16 tiles, where bf16 matmuls run several times faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags

@@ -1,0 +1,398 @@
+"""``PicoDataModule``: one LightningDataModule for every corpus, with a model-independent batch order.
+
+The order contract (what makes runs comparable across model sizes and resumable exactly):
+
+- Training is an infinite sequence of **global micro-batches** m = 0, 1, 2, ... Micro-batch m covers
+  positions ``[m*B*W, (m+1)*B*W)`` of an infinite stream of training rows (B = per-device
+  ``batch_size``, W = world size). Rank r takes the slice ``[r*B, (r+1)*B)``.
+- Packed corpora (wiki, text, synthetic): position p is row ``perm_e[p % n_rows]`` where
+  ``e = p // n_rows`` is the epoch and ``perm_e`` a permutation seeded by ``(seed, e)``.
+  Dolma: position p is dataset row ``p % n_train_rows`` (the dataset is pre-shuffled).
+- The order depends on (corpus, tokenizer, seq_len, seed, B, W) only. Resuming at micro-batch k
+  yields exactly the batches a fresh run yields from k on, with any ``num_workers``.
+
+A batch is ``{"tokens": LongTensor[B, seq_len + 1], "microbatch": LongTensor[]}``; inputs are
+``tokens[:, :-1]`` and labels ``tokens[:, 1:]``. Validation batches add ``"doc_ids"`` (the corpus
+document of every token) for per-document perplexity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import PreTrainedTokenizerFast
+
+from picomaml.data import dolma
+from picomaml.data.corpora import CORPORA, make_corpus
+from picomaml.data.packing import PackedCorpus, TokenStream, load_packed
+from picomaml.data.tokenizer import TOKENIZER_NAMES, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+CORPUS_NAMES = (*CORPORA, "dolma")
+_DEFAULT_CACHE_DIR = Path("~/.cache/picomaml").expanduser()
+_DOLMA_STREAM_TOKENS = 1 << 20
+
+
+class PackedOrder:
+    """Row order of a packed split: a fresh seeded permutation per epoch over ``rows``."""
+
+    def __init__(self, rows: np.ndarray, seed: int) -> None:
+        self.rows = rows
+        self.seed = seed
+        self._permutations: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            # A micro-batch spans at most two epochs; older permutations are never needed again.
+            if len(self._permutations) >= 2:
+                del self._permutations[min(self._permutations)]
+            rng = np.random.default_rng((self.seed, epoch))
+            self._permutations[epoch] = rng.permutation(len(self.rows))
+        return self._permutations[epoch]
+
+    def rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """Rows at stream positions (any epoch), as int64 ``[len(positions), seq_len + 1]``."""
+        epochs, within = np.divmod(positions, len(self.rows))
+        indices = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            hit = epochs == epoch
+            indices[hit] = self.permutation(int(epoch))[within[hit]]
+        return self.rows[indices].astype(np.int64)
+
+
+def _worker_share() -> tuple[int, int]:
+    """(this worker's index, number of workers) inside a DataLoader, (0, 1) outside one."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _batch(tokens: np.ndarray, microbatch: int) -> dict[str, torch.Tensor]:
+    return {"tokens": torch.from_numpy(tokens), "microbatch": torch.tensor(microbatch, dtype=torch.long)}
+
+
+class PackedMicrobatches(IterableDataset):
+    """This rank's slice of global micro-batches ``start, start + 1, ...`` of a packed corpus.
+
+    DataLoader workers take micro-batches round-robin (worker w of K serves m = start + w + jK), which is
+    the order in which the DataLoader collects them, so every ``num_workers`` yields the same sequence.
+    """
+
+    def __init__(self, order: PackedOrder, start: int, batch_size: int, rank: int, world_size: int) -> None:
+        self.order = order
+        self.start = start
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, n_workers = _worker_share()
+        offsets = self.rank * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+        for m in itertools.count(self.start + worker, n_workers):
+            positions = m * self.batch_size * self.world_size + offsets
+            yield _batch(self.order.rows_at(positions), m)
+
+
+class DolmaMicrobatches(IterableDataset):
+    """This rank's slice of global micro-batches ``start, start + 1, ...`` streamed from Dolma.
+
+    Each rank (and worker) reads the global stream and keeps its slice: the cost is reading W times the
+    rows it trains on, which is small next to a forward pass, and it keeps the order exact.
+    """
+
+    def __init__(
+        self, source: dolma.DolmaSource, width: int, start: int, batch_size: int, rank: int, world_size: int
+    ) -> None:
+        self.source = source
+        self.width = width
+        self.start = start
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, n_workers = _worker_share()
+        global_batch = self.batch_size * self.world_size
+        first = self.start + worker
+        reader = dolma.RowReader(self.source, first * global_batch + self.rank * self.batch_size, self.width)
+        # From the end of this rank's slice to its slice in this worker's next micro-batch.
+        gap = global_batch * n_workers - self.batch_size
+        for m in itertools.count(first, n_workers):
+            yield _batch(reader.take(self.batch_size), m)
+            reader.skip(gap)
+
+
+class PicoDataModule(L.LightningDataModule):
+    """Data for picomaml runs: tokenized, packed, cached, served in a resumable global order.
+
+    Args:
+        corpus: ``wiki`` (embedded Wikipedia leads), ``text`` (local files), ``synthetic`` (number
+            sequences) or ``dolma`` (pico's pretokenized Dolma, streamed from the Hub).
+        corpus_options: options of the chosen corpus (see ``WikiCorpus``, ``TextCorpus``,
+            ``SyntheticCorpus``, ``dolma.DolmaSource``); an unknown key raises ValueError.
+        tokenizer: ``gpt2`` (embedded) or ``olmo`` (required by ``dolma``).
+        seq_len: tokens of model input per row; rows hold ``seq_len + 1`` tokens.
+        batch_size: per-device micro-batch size B.
+        val_fraction: fraction of documents held out (packed corpora; Dolma holds out whole shards).
+        val_batches: fixed number of validation micro-batches per validation run.
+        num_workers: DataLoader workers for training batches (validation is served in-process).
+        seed: seeds the document split and the per-epoch row permutations; not the model.
+        cache_dir: where packed corpora are cached (``<cache_dir>/packed/*.arrow``).
+    """
+
+    def __init__(
+        self,
+        corpus: str = "wiki",
+        corpus_options: Mapping[str, Any] | None = None,
+        tokenizer: str = "gpt2",
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_fraction: float = 0.02,
+        val_batches: int = 4,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        if corpus not in CORPUS_NAMES:
+            raise ValueError(f"data.corpus: unknown corpus {corpus!r}; allowed: {', '.join(CORPUS_NAMES)}")
+        if tokenizer not in TOKENIZER_NAMES:
+            raise ValueError(
+                f"data.tokenizer: unknown tokenizer {tokenizer!r}; allowed: {', '.join(TOKENIZER_NAMES)}"
+            )
+        for key, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
+        for key, value in (("val_batches", val_batches), ("num_workers", num_workers)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"data.{key} must be a non-negative integer, got {value!r}")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        options = dict(corpus_options or {})
+        if corpus == "dolma":
+            self.source: dolma.DolmaSource | None = self._dolma_source(options, tokenizer, seq_len)
+            self.corpus = None
+        else:
+            if val_batches > 0 and val_fraction == 0:
+                raise ValueError("data.val_fraction must be > 0 when data.val_batches > 0")
+            self.source = None
+            self.corpus = make_corpus(corpus, options)
+        self.corpus_name = corpus
+        self.tokenizer_name = tokenizer
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.val_batches = val_batches
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else _DEFAULT_CACHE_DIR
+        self.next_microbatch = 0
+        self._packed: PackedCorpus | None = None
+        self._dolma_val_rows: np.ndarray | None = None
+
+    @staticmethod
+    def _dolma_source(options: dict[str, Any], tokenizer: str, seq_len: int) -> dolma.DolmaSource:
+        allowed = [f.name for f in dataclasses.fields(dolma.DolmaSource)]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"corpus_options: unknown key(s) {unknown} for corpus 'dolma'; allowed: {allowed}"
+            )
+        if tokenizer != "olmo":
+            raise ValueError(
+                f"data.tokenizer must be 'olmo' for corpus 'dolma' (its ids are OLMo's), got {tokenizer!r}"
+            )
+        source = dolma.DolmaSource(**options)
+        if seq_len > source.row_len - 1:
+            raise ValueError(f"data.seq_len={seq_len} exceeds Dolma rows ({source.row_len - 1} input tokens)")
+        return source
+
+    # -- tokenizer ---------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        """The tokenizer (loaded on first use: ``olmo`` needs the Hub or its cache)."""
+        return load_tokenizer(self.tokenizer_name)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce (special tokens included), <= 50304."""
+        return len(self.tokenizer)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.tokenizer.mask_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    # -- building and loading ------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Build the packed cache once (Lightning calls this on one process per node)."""
+        if self.corpus is not None:
+            self._load()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.corpus is not None and self._packed is None:
+            self._packed = self._load()
+
+    def _load(self) -> PackedCorpus:
+        return load_packed(
+            self.corpus,
+            self.tokenizer,
+            self.tokenizer_name,
+            self.seq_len,
+            self.val_fraction,
+            self.seed,
+            self.cache_dir,
+        )
+
+    @property
+    def packed(self) -> PackedCorpus:
+        """The packed train/val splits of a packed corpus (loaded from the cache on first use)."""
+        if self.corpus is None:
+            raise RuntimeError("corpus 'dolma' is streamed, not packed")
+        self.setup()
+        return self._packed
+
+    # -- order ---------------------------------------------------------------------------------------
+
+    def rank_and_world_size(self) -> tuple[int, int]:
+        """(rank, world size) from the attached Trainer, else torch.distributed, else (0, 1)."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _train_dataset(self, start: int, rank: int, world_size: int) -> IterableDataset:
+        if self.source is not None:
+            return DolmaMicrobatches(self.source, self.seq_len + 1, start, self.batch_size, rank, world_size)
+        return PackedMicrobatches(
+            PackedOrder(self.packed.train.rows, self.seed), start, self.batch_size, rank, world_size
+        )
+
+    def train_batches(
+        self, start: int = 0, rank: int | None = None, world_size: int | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Training micro-batches ``start, start + 1, ...`` (infinite), in this process, no DataLoader.
+
+        ``rank``/``world_size`` default to :meth:`rank_and_world_size`.
+        """
+        default_rank, default_world = self.rank_and_world_size()
+        dataset = self._train_dataset(
+            start, default_rank if rank is None else rank, default_world if world_size is None else world_size
+        )
+        return iter(dataset)
+
+    def train_dataloader(self) -> DataLoader:
+        """Infinite loader from ``next_microbatch`` (0, or the value restored from a checkpoint).
+
+        Stop training with ``max_steps``; the Trainer must use ``use_distributed_sampler=False``
+        because the rank slicing happens here.
+        """
+        rank, world_size = self.rank_and_world_size()
+        return DataLoader(
+            self._train_dataset(self.next_microbatch, rank, world_size),
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _val_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """The validation rows served, in order, and the document id of each of their tokens."""
+        _, world_size = self.rank_and_world_size()
+        global_batch = self.batch_size * world_size
+        n_rows = self.val_batches * global_batch
+        if self.source is not None:
+            if self._dolma_val_rows is None:
+                self._dolma_val_rows = dolma.read_val_rows(self.source, n_rows, self.seq_len + 1)
+            rows = self._dolma_val_rows
+            is_eos = rows.reshape(-1) == self.source.eos_token_id
+            # A token belongs to the document its next eos closes; the eos belongs to it too.
+            doc_ids = (np.cumsum(is_eos) - is_eos).reshape(rows.shape)
+            return rows, doc_ids
+        val = self.packed.val
+        if n_rows > val.n_rows:
+            log.warning(
+                "val_batches=%d x %d rows exceeds the %d validation rows; rows repeat",
+                self.val_batches,
+                global_batch,
+                val.n_rows,
+            )
+        indices = np.arange(n_rows) % val.n_rows
+        return val.rows[indices].astype(np.int64), val.row_doc_ids(indices)
+
+    def val_batches_list(self) -> list[dict[str, torch.Tensor]]:
+        """This rank's validation micro-batches: the first ``val_batches`` of the val rows, fixed order."""
+        if self.val_batches == 0:
+            return []
+        rank, world_size = self.rank_and_world_size()
+        rows, doc_ids = self._val_rows()
+        batches = []
+        for v in range(self.val_batches):
+            lo = (v * world_size + rank) * self.batch_size
+            batch = _batch(rows[lo : lo + self.batch_size], v)
+            batch["doc_ids"] = torch.from_numpy(doc_ids[lo : lo + self.batch_size])
+            batches.append(batch)
+        return batches
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation micro-batches (none when ``val_batches`` is 0)."""
+        batches = self.val_batches_list()
+        return DataLoader(batches, batch_size=None) if batches else []
+
+    # -- streams for evaluation and the meta-learning sampler --------------------------------------------
+
+    def train_token_stream(self, max_tokens: int | None = None) -> TokenStream:
+        """The training split as one token stream (eos after each document) with document offsets.
+
+        Packed corpora: the whole split (memory-mapped from the cache, no copy) or its first documents
+        up to ``max_tokens``. Dolma: whole rows from the start of the data, up to ``max_tokens``
+        (default 2**20).
+        """
+        if self.source is not None:
+            return dolma.read_token_stream(self.source, max_tokens or _DOLMA_STREAM_TOKENS)
+        stream = self.packed.train.stream
+        if max_tokens is None or max_tokens >= len(stream.tokens):
+            return stream
+        n_docs = max(1, int(np.searchsorted(stream.doc_offsets, max_tokens, side="right")) - 1)
+        end = stream.doc_offsets[n_docs]
+        return TokenStream(stream.tokens[:end], stream.doc_offsets[: n_docs + 1], stream.doc_ids[:n_docs])
+
+    def val_token_stream(self) -> TokenStream:
+        """The validation documents of a packed corpus, for per-document perplexity."""
+        return self.packed.val.stream
+
+    # -- resume --------------------------------------------------------------------------------------
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Count a micro-batch as consumed only once it reaches the training step, not when a worker
+        # prefetches it, so a checkpoint resumes right after the last batch trained on.
+        if self.trainer is not None and self.trainer.training and isinstance(batch, dict):
+            self.next_microbatch = int(batch["microbatch"]) + 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_microbatch": self.next_microbatch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.next_microbatch = int(state_dict["next_microbatch"])

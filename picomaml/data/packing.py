@@ -1,0 +1,315 @@
+"""Tokenize a corpus, split it by document, pack it into rows, and cache the result as Arrow.
+
+Layout of one split (train or val):
+
+- the **token stream**: every document's tokens followed by one eos, documents concatenated;
+- **rows** of ``seq_len + 1`` tokens cut from that stream back to back (input = ``row[:-1]``,
+  labels = ``row[1:]``). The last row is completed with tokens from the start of the same split's
+  stream, so no token is dropped and no pad token needs masking in the loss.
+
+Rows are a reshape of the stream, so the cache stores each split once, already padded to whole rows:
+``rows`` and ``stream`` are two zero-copy views of the same memory-mapped Arrow buffer.
+
+The train/val split is by document: document ``i`` is held out when ``hash(i, seed) < val_fraction``,
+a rule that needs no shuffle and gives the same answer for the same document on every machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from transformers import PreTrainedTokenizerBase
+
+from picomaml.data.corpora import Corpus
+
+log = logging.getLogger(__name__)
+
+# Bumped whenever the cache layout or the packing rule changes.
+CACHE_FORMAT_VERSION = 1
+_ENCODE_BATCH = 1024
+_SPLITS = ("train", "val")
+_ARRAYS = ("tokens", "doc_offsets", "doc_ids")
+_ARRAY_TYPES = {"tokens": pa.int32(), "doc_offsets": pa.int64(), "doc_ids": pa.int64()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStream:
+    """A split's documents as one 1-D token array, each document followed by eos.
+
+    Document ``k`` of the split is ``tokens[doc_offsets[k]:doc_offsets[k + 1]]`` (its eos included);
+    ``doc_ids[k]`` is its index in the corpus, so a document keeps its identity across splits.
+    """
+
+    tokens: np.ndarray
+    doc_offsets: np.ndarray
+    doc_ids: np.ndarray
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_ids)
+
+    def document(self, k: int) -> np.ndarray:
+        """Tokens of the split's ``k``-th document, ending with eos."""
+        return self.tokens[self.doc_offsets[k] : self.doc_offsets[k + 1]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSplit:
+    """One split: its token stream and the ``[n_rows, seq_len + 1]`` rows packed from it."""
+
+    stream: TokenStream
+    rows: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows)
+
+    def row_doc_ids(self, row_indices: np.ndarray) -> np.ndarray:
+        """Corpus document id of every token of the given rows, shape ``[len(row_indices), seq_len + 1]``.
+
+        Per-document metrics group token losses by these ids. Tokens in the wrapped tail of the last
+        row repeat the split's first document and carry its id.
+        """
+        width = self.rows.shape[1]
+        flat = (np.asarray(row_indices)[:, None] * width + np.arange(width)) % len(self.stream.tokens)
+        position_doc = np.searchsorted(self.stream.doc_offsets, flat, side="right") - 1
+        return self.stream.doc_ids[position_doc]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedCorpus:
+    """Train and val splits of a packed corpus, plus the cache file they were read from."""
+
+    train: PackedSplit
+    val: PackedSplit
+    path: Path
+
+
+def validation_mask(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the documents held out for validation.
+
+    SplitMix64 of ``(doc index, seed)`` mapped to [0, 1): independent per document, so adding
+    documents at the end of a corpus never moves existing ones between splits.
+    """
+    with np.errstate(over="ignore"):
+        z = np.arange(n_docs, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < val_fraction
+
+
+def tokenize_documents(
+    documents: Iterable[str], tokenizer: PreTrainedTokenizerBase
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize documents in batches; return ``(tokens, doc_offsets)`` with eos after each document.
+
+    Uses the Rust backend's ``encode_batch_fast`` (parallel, no offsets): the Python-level
+    ``tokenizer(...)`` call would spend most of its time building per-token Python objects.
+    """
+    backend = tokenizer.backend_tokenizer
+    eos = tokenizer.eos_token_id
+    chunks: list[np.ndarray] = []
+    lengths: list[int] = []
+    iterator: Iterator[str] = iter(documents)
+    while batch := list(itertools.islice(iterator, _ENCODE_BATCH)):
+        for encoding in backend.encode_batch_fast(batch, add_special_tokens=False):
+            ids = encoding.ids
+            chunks.append(np.asarray(ids, dtype=np.int32))
+            lengths.append(len(ids) + 1)
+    if not chunks:
+        raise ValueError("the corpus has no documents")
+    eos_array = np.array([eos], dtype=np.int32)
+    tokens = np.concatenate([piece for chunk in chunks for piece in (chunk, eos_array)])
+    doc_offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    return tokens, doc_offsets
+
+
+def split_stream(tokens: np.ndarray, doc_offsets: np.ndarray, is_val: np.ndarray) -> dict[str, TokenStream]:
+    """Separate a tokenized corpus into train and val token streams by the per-document mask."""
+    lengths = np.diff(doc_offsets)
+    token_is_val = np.repeat(is_val, lengths)
+    streams = {}
+    for name, doc_mask, token_mask in (("train", ~is_val, ~token_is_val), ("val", is_val, token_is_val)):
+        streams[name] = TokenStream(
+            tokens=tokens[token_mask],
+            doc_offsets=np.concatenate([[0], np.cumsum(lengths[doc_mask])]).astype(np.int64),
+            doc_ids=np.flatnonzero(doc_mask).astype(np.int64),
+        )
+    return streams
+
+
+def pad_to_rows(tokens: np.ndarray, width: int) -> np.ndarray:
+    """Extend ``tokens`` cyclically to a whole number of rows of ``width`` (at least one row)."""
+    n_rows = max(1, -(-len(tokens) // width))
+    return np.resize(tokens, n_rows * width)
+
+
+def cache_key(corpus: Corpus, tokenizer_name: str, seq_len: int, val_fraction: float, seed: int) -> dict:
+    """Everything that determines the cached bytes; its hash names the cache file."""
+    return {
+        "format": CACHE_FORMAT_VERSION,
+        "corpus": corpus.name,
+        "fingerprint": corpus.fingerprint(),
+        "tokenizer": tokenizer_name,
+        "seq_len": seq_len,
+        "val_fraction": val_fraction,
+        "seed": seed,
+    }
+
+
+def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:
+    digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
+    name = f"{key['corpus']}-{key['tokenizer']}-L{key['seq_len']}-{digest}.arrow"
+    return Path(cache_dir) / "packed" / name
+
+
+def _checksum(arrays: Iterable[np.ndarray]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, key: dict, padded: dict[str, dict[str, np.ndarray]], n_tokens: dict) -> None:
+    """Write one single-row Arrow IPC file (one list column per array), then rename it into place.
+
+    The rename is atomic, so a reader sees either no file or a complete one, even when two jobs build
+    the same cache at once.
+    """
+    columns = {
+        f"{split}_{name}": pa.array([padded[split][name]], type=pa.large_list(_ARRAY_TYPES[name]))
+        for split in _SPLITS
+        for name in _ARRAYS
+    }
+    ordered = [padded[split][name] for split in _SPLITS for name in _ARRAYS]
+    metadata = {
+        "key": json.dumps(key, sort_keys=True),
+        "n_tokens": json.dumps(n_tokens),
+        "checksum": _checksum(ordered),
+    }
+    table = pa.table(columns).replace_schema_metadata(metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class CorruptCacheError(Exception):
+    """The cache file exists but cannot be trusted (truncated, garbage, wrong schema or checksum)."""
+
+
+def _read(path: Path, key: dict, seq_len: int) -> PackedCorpus:
+    """Memory-map a cache file and verify it completely before handing out views into it."""
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        if json.loads(metadata["key"]) != key:
+            raise CorruptCacheError("key mismatch")
+        n_tokens = json.loads(metadata["n_tokens"])
+        arrays = {
+            split: {
+                name: table.column(f"{split}_{name}").chunk(0).values.to_numpy(zero_copy_only=True)
+                for name in _ARRAYS
+            }
+            for split in _SPLITS
+        }
+    except (pa.ArrowException, KeyError, ValueError, OSError) as err:
+        raise CorruptCacheError(f"{type(err).__name__}: {err}") from err
+    if _checksum(arrays[split][name] for split in _SPLITS for name in _ARRAYS) != metadata["checksum"]:
+        raise CorruptCacheError("checksum mismatch")
+    width = seq_len + 1
+    splits = {}
+    for split in _SPLITS:
+        padded, offsets, doc_ids = (arrays[split][name] for name in _ARRAYS)
+        n = n_tokens[split]
+        if len(padded) % width or len(padded) < n or offsets[-1] != n or len(offsets) != len(doc_ids) + 1:
+            raise CorruptCacheError(f"inconsistent {split} lengths")
+        stream = TokenStream(tokens=padded[:n], doc_offsets=offsets, doc_ids=doc_ids)
+        splits[split] = PackedSplit(stream=stream, rows=padded.reshape(-1, width))
+    return PackedCorpus(train=splits["train"], val=splits["val"], path=path)
+
+
+def build_packed(
+    corpus: Corpus,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_name: str,
+    seq_len: int,
+    val_fraction: float,
+    seed: int,
+    cache_dir: str | os.PathLike,
+) -> Path:
+    """Tokenize, split and pack ``corpus``, write the cache file, and return its path."""
+    key = cache_key(corpus, tokenizer_name, seq_len, val_fraction, seed)
+    path = cache_path(cache_dir, key)
+    started = time.perf_counter()
+    tokens, doc_offsets = tokenize_documents(corpus.documents(), tokenizer)
+    is_val = validation_mask(len(doc_offsets) - 1, val_fraction, seed)
+    streams = split_stream(tokens, doc_offsets, is_val)
+    for split in ("train", "val") if val_fraction > 0 else ("train",):
+        if streams[split].n_docs == 0:
+            raise ValueError(
+                f"val_fraction={val_fraction} leaves no {split} documents in corpus {corpus.name!r} "
+                f"({len(is_val)} documents)"
+            )
+    width = seq_len + 1
+    padded = {
+        split: {
+            "tokens": pad_to_rows(s.tokens, width) if len(s.tokens) else s.tokens,
+            "doc_offsets": s.doc_offsets,
+            "doc_ids": s.doc_ids,
+        }
+        for split, s in streams.items()
+    }
+    _write_atomic(path, key, padded, {split: len(s.tokens) for split, s in streams.items()})
+    log.info(
+        "packed corpus %s: %d documents, %d train / %d val tokens in %.1f s -> %s",
+        corpus.name,
+        len(is_val),
+        len(streams["train"].tokens),
+        len(streams["val"].tokens),
+        time.perf_counter() - started,
+        path,
+    )
+    return path
+
+
+def load_packed(
+    corpus: Corpus,
+    tokenizer: PreTrainedTokenizerBase,
+    tokenizer_name: str,
+    seq_len: int,
+    val_fraction: float,
+    seed: int,
+    cache_dir: str | os.PathLike,
+) -> PackedCorpus:
+    """Return the packed corpus from the cache, building (or rebuilding a corrupt) cache first.
+
+    A cache file that fails any check is reported with one warning, deleted and rebuilt.
+    """
+    key = cache_key(corpus, tokenizer_name, seq_len, val_fraction, seed)
+    path = cache_path(cache_dir, key)
+    if path.exists():
+        try:
+            return _read(path, key, seq_len)
+        except CorruptCacheError as err:
+            log.warning("data cache %s is corrupt (%s); deleting and rebuilding it", path, err)
+            path.unlink(missing_ok=True)
+    build_packed(corpus, tokenizer, tokenizer_name, seq_len, val_fraction, seed, cache_dir)
+    return _read(path, key, seq_len)

@@ -1,0 +1,78 @@
+"""Optimizer and learning-rate schedule: AdamW, linear warmup, then linear or cosine decay (pico-train's)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+DECAYS = ("linear", "cosine", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """The `optim` config group. Values are checked here so a bad sweep point fails before training."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    decay: str = "linear"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    accumulate_grad_batches: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"optim.decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.accumulate_grad_batches < 1:
+            raise ValueError(
+                f"optim.accumulate_grad_batches must be >= 1, got {self.accumulate_grad_batches}"
+            )
+
+
+def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Fraction of `cfg.lr` to use at optimizer step `step` (0-based).
+
+    Warmup ramps linearly from lr/warmup to lr (step 0 already takes a small step, as pico-train's
+    LambdaLR does), then the rate decays to `min_lr_ratio * lr` at `max_steps`.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return 1.0
+    span = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    shape = 1.0 - progress if cfg.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: OptimConfig, max_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over every parameter (pico-train decays all of them) and its step-wise schedule."""
+    fused = all(p.is_cuda for p in params)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=fused or None,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg, max_steps))
+    return optimizer, scheduler

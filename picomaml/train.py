@@ -1,0 +1,231 @@
+"""`python -m picomaml.train`: compose the config, check it, build data + model + trainer, fit, return.
+
+    python -m picomaml.train model=11m meta=5way4shot                      # one run
+    python -m picomaml.train -m model=tiny,small optim.lr=3e-4,1e-3        # a sweep (Hydra multirun)
+    python -m picomaml.train model=11m run_name=demo                        # rerun the same line: resumes
+
+Everything that can be wrong with a config is found by `prepare_run` before the first step. The return
+value (the last validation's `optimized_metric`) is what Hydra sweepers optimise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from picomaml.config import (
+    ConfigError,
+    instantiate_section,
+    register_resolvers,
+    resolve_precision,
+)
+from picomaml.lit.checkpoint_io import AtomicCheckpointIO
+from picomaml.lit.loggers import ResumableCSVLogger
+from picomaml.lit.module import PicoLitModule
+from picomaml.lit.optim import OptimConfig
+from picomaml.model import ModelConfig
+from picomaml.utils.config_tree import print_config_tree
+
+log = logging.getLogger(__name__)
+register_resolvers()
+
+
+@dataclass
+class RunPlan:
+    """Everything `train` needs, built and checked from the config before any training starts."""
+
+    output_dir: Path
+    module: PicoLitModule
+    datamodule: pl.LightningDataModule
+    trainer: pl.Trainer
+    resume_from: Path | None
+
+
+def prepare_run(cfg: DictConfig) -> RunPlan:
+    """Instantiate and cross-check every config section; raises ConfigError with the offending key."""
+    output_dir = Path(cfg.paths.output_dir)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    model_config: ModelConfig = instantiate_section(cfg, "model")
+    optim: OptimConfig = instantiate_section(cfg, "optim")
+    datamodule = instantiate_section(cfg, "data")
+    if cfg.data.seq_len > model_config.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}; "
+            f"use data.seq_len <= {model_config.max_seq_len}"
+        )
+    if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
+        raise ConfigError(
+            f"trainer.max_steps must be a positive number of steps, got {cfg.trainer.max_steps}"
+        )
+
+    resume_from = find_resume_checkpoint(cfg, output_dir)
+    if resume_from is not None:
+        check_checkpoint_architecture(resume_from, model_config)
+
+    module = PicoLitModule(model_config, optim, seq_len=cfg.data.seq_len)
+    trainer = build_trainer(cfg, optim, output_dir, resume_from)
+    return RunPlan(output_dir, module, datamodule, trainer, resume_from)
+
+
+def find_resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `ckpt_path` if given, else this run dir's own `last.ckpt`.
+
+    A run dir that already holds a run but no checkpoint is refused rather than silently overwritten.
+    """
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path)
+        if path.is_dir():
+            path = path / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no checkpoint file at {path}")
+        return path
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    leftovers = [p for p in ("checkpoints", "csv", "tensorboard", "result.json") if (output_dir / p).exists()]
+    if leftovers:
+        raise ConfigError(
+            f"output dir {output_dir} already holds a run ({', '.join(leftovers)}) but no "
+            "checkpoints/last.ckpt to resume from; pick another run_name or move that directory away"
+        )
+    return None
+
+
+def check_checkpoint_architecture(path: Path, model_config: ModelConfig) -> None:
+    """Refuse a checkpoint of another architecture with the differing keys, not a state_dict dump."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise ConfigError(
+            f"checkpoint {path} cannot be read ({err}); it is corrupt or not a checkpoint"
+        ) from err
+    saved = checkpoint.get("hyper_parameters", {}).get("model_config")
+    if saved is None:
+        raise ConfigError(f"checkpoint {path} is not a picomaml checkpoint (no model_config inside)")
+    wanted = asdict(model_config)
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    if diff:
+        lines = ", ".join(f"model.{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise ConfigError(f"checkpoint {path} is from a different architecture ({lines})")
+
+
+def build_trainer(
+    cfg: DictConfig, optim: OptimConfig, output_dir: Path, resume_from: Path | None
+) -> pl.Trainer:
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["precision"] = resolve_precision(
+        trainer_cfg.get("precision", "auto"), trainer_cfg["accelerator"]
+    )
+    # Lightning counts val_check_interval in micro-batches; the config speaks in optimizer steps.
+    if isinstance(trainer_cfg.get("val_check_interval"), int):
+        trainer_cfg["val_check_interval"] *= optim.accumulate_grad_batches
+    callbacks = list(_instantiate_group(cfg, "callbacks"))
+    loggers = list(_instantiate_group(cfg, "logger", output_dir=output_dir))
+    for logger in loggers:
+        if isinstance(logger, ResumableCSVLogger) and resume_from is not None:
+            logger.resume_step = _checkpoint_step(resume_from)
+    try:
+        return hydra.utils.instantiate(
+            trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        )
+    except Exception as err:
+        raise ConfigError(f"trainer: {err}") from err
+
+
+def _instantiate_group(cfg: DictConfig, key: str, output_dir: Path | None = None) -> Any:
+    section = cfg.get(key) or {}
+    for name in section:
+        entry = section[name]
+        if entry is None:
+            continue
+        if key == "logger" and "WandbLogger" in str(entry.get("_target_")) and entry.get("id") is None:
+            # one stable wandb run per output dir, so requeued and resumed jobs continue the same run
+            with open_dict(entry):
+                entry.id = hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:16]
+        try:
+            yield hydra.utils.instantiate(entry)
+        except Exception as err:
+            raise ConfigError(f"{key}.{name}: {err}") from err
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job and return `{"metric", "status", "wall_time_s", "tokens_seen", ...}`.
+
+    The same dict is written to `<output_dir>/result.json` (also when the job fails) so sweep reports
+    can read every job, finished or not.
+    """
+    start = time.time()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"metric": None, "metric_name": cfg.optimized_metric, "status": "failed"}
+    try:
+        plan = prepare_run(cfg)
+        print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+        save_training_config(cfg, output_dir)
+        if plan.resume_from is not None:
+            log.info("resuming from %s", plan.resume_from)
+        plan.trainer.fit(plan.module, datamodule=plan.datamodule, ckpt_path=plan.resume_from)
+        metrics = {k: float(v) for k, v in plan.trainer.callback_metrics.items()}
+        result.update(
+            metric=metrics.get(cfg.optimized_metric),
+            status="finished",
+            global_step=plan.trainer.global_step,
+            tokens_seen=plan.module.tokens_seen,
+            metrics=metrics,
+        )
+        return result
+    except BaseException as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        result["wall_time_s"] = time.time() - start
+        _finish_wandb()
+        if _is_rank_zero():
+            (output_dir / "result.json").write_text(json.dumps(result, indent=2))
+
+
+def save_training_config(cfg: DictConfig, output_dir: Path) -> None:
+    """`training_config.yaml` in pico-train's shape, so pico-analyze reads the run unchanged."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.setdefault("checkpointing", {})["run_name"] = cfg.run_name or output_dir.name
+    (output_dir / "training_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+
+
+def _is_rank_zero() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _finish_wandb() -> None:
+    # multirun jobs share one process on the basic launcher: close each job's wandb run before the next
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return train(cfg)["metric"]
+    except ConfigError as err:
+        # one line naming the key, not a traceback: nothing has been trained or overwritten yet
+        raise SystemExit(f"picomaml: config error: {err}") from err
+
+
+if __name__ == "__main__":
+    main()
