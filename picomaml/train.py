@@ -183,7 +183,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics = {k: float(v) for k, v in plan.trainer.callback_metrics.items()}
         result.update(
             metric=metrics.get(cfg.optimized_metric),
-            status="finished",
+            status="completed",
             global_step=plan.trainer.global_step,
             tokens_seen=plan.module.tokens_seen,
             metrics=metrics,

@@ -1,0 +1,174 @@
+"""Benchmarks, as ``python -m picomaml.bench <command> key=value ...``.
+
+``train``: steady-state pretraining steps of the real training computation on random tokens::
+
+    python -m picomaml.bench train model=11m precision=bf16 batch_size=8 seq_len=512 steps=20 warmup=5 \\
+        out=bench.json
+
+One step = forward + ``lm_loss`` + backward + gradient clipping at 1.0 + AdamW (lr 3e-4, weight decay
+0.01). ``precision=bf16`` runs forward and loss under ``torch.autocast(dtype=bfloat16)`` with fp32
+master weights, which is what Lightning's ``bf16-mixed`` does. Model FLOPs follow
+:mod:`picomaml.model.flops`; MFU divides the achieved model FLOP/s by the peak matmul FLOP/s of the
+same dtype, measured in the same process with the same thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from picomaml.model import PicoDecoder, load_model_config, model_flops_per_token
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _parse(argv: list[str], defaults: dict[str, object]) -> dict[str, object]:
+    """``key=value`` arguments over ``defaults``, each value converted to the default's type."""
+    args = dict(defaults)
+    for item in argv:
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise SystemExit(f"bad argument {item!r}; expected key=value with key in {', '.join(defaults)}")
+        kind = type(defaults[key])
+        args[key] = value if defaults[key] is None else kind(value)
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, min_time: float = 1.0) -> float:
+    """Best observed FLOP/s of an [n, n] x [n, n] matmul in ``dtype`` (the denominator of MFU)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b, out=out)  # warm-up: kernel selection, page faults
+    best, spent = float("inf"), 0.0
+    while spent < min_time:
+        _sync(device)
+        start = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+    return 2 * n**3 / best
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_train(argv: list[str]) -> dict[str, object]:
+    """Time training steps; returns (and prints, and writes to ``out``) the summary."""
+    args = _parse(
+        argv,
+        {
+            "model": "11m",
+            "precision": "fp32",
+            "batch_size": 8,
+            "seq_len": 512,
+            "steps": 20,
+            "warmup": 5,
+            "threads": 2,
+            "device": "cpu",
+            "seed": 0,
+            "peak_n": 2048,
+            "out": None,
+        },
+    )
+    if args["precision"] not in _DTYPES:
+        raise SystemExit(f"precision={args['precision']!r}; allowed values: {', '.join(_DTYPES)}")
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(args["seed"])
+    device = torch.device(args["device"])
+    dtype = _DTYPES[args["precision"]]
+    batch, seq_len = args["batch_size"], args["seq_len"]
+
+    config = load_model_config(args["model"])
+    model = PicoDecoder(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    tokens = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
+    input_ids, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model.lm_loss(input_ids, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args["warmup"]):
+        step()
+    times = []
+    for _ in range(args["steps"]):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+
+    peak = matmul_peak_flops(dtype, device, n=args["peak_n"])
+    flops_per_token = model_flops_per_token(config, seq_len)
+    mean = statistics.fmean(times)
+    tokens_per_s = batch * seq_len / mean
+    achieved = flops_per_token * tokens_per_s
+    result = {
+        "model": args["model"],
+        "precision": args["precision"],
+        "batch_size": batch,
+        "seq_len": seq_len,
+        "steps": args["steps"],
+        "warmup": args["warmup"],
+        "tokens_per_s": tokens_per_s,
+        "step_time_mean_s": mean,
+        "step_time_median_s": statistics.median(times),
+        "step_time_min_s": min(times),
+        "model_flops_per_token": flops_per_token,
+        "achieved_flops_per_s": achieved,
+        "peak_matmul_flops_per_s": peak,
+        "peak_matmul_n": args["peak_n"],
+        "mfu": achieved / peak,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "num_parameters": model.num_parameters(),
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args["out"]:
+        Path(args["out"]).write_text(text + "\n")
+    return result
+
+
+COMMANDS: dict[str, Callable[[list[str]], dict[str, object]]] = {"train": bench_train}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python -m picomaml.bench {{{','.join(COMMANDS)}}} key=value ...")
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

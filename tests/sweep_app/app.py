@@ -1,0 +1,76 @@
+"""A tiny Hydra task that behaves like a training run, for testing sweeps without training.
+
+Its "validation loss" at step t is ``(x - 0.3)^2 + (y - 0.7)^2 + model.offset + 1 / (t + 1)``. It reports
+each value to the optuna trial (so pruners work), writes a Lightning-CSVLogger-like
+``csv/version_0/metrics.csv``, the ``result.json`` that picomaml.train writes, and ``timing.json``
+(wall-clock start and end, for the asynchrony and overhead checks). Knobs in ``conf/config.yaml`` make
+it slow (one trial), raise (large x), or return NaN (large y).
+"""
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import hydra
+import optuna
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from picomaml.sweep import trial_reporter
+
+
+def loss_at(cfg: DictConfig, step: int) -> float:
+    return (cfg.x - 0.3) ** 2 + (cfg.y - 0.7) ** 2 + cfg.model.offset + 1.0 / (step + 1)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    started = time.time()
+    out = Path(HydraConfig.get().runtime.output_dir)
+    job = {"pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    (out / "timing.json").write_text(json.dumps({"start": started, **job}))
+    reporter = trial_reporter(cfg)
+    metrics = out / "csv" / "version_0" / "metrics.csv"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    status, value, step = "failed", math.nan, 0
+    sleep = cfg.step_sleep
+    if cfg.slow_trial is not None and cfg.sweep.trial_number == cfg.slow_trial:
+        sleep += cfg.slow_step_sleep
+    try:
+        if cfg.fail_above is not None and cfg.x > cfg.fail_above:
+            raise RuntimeError(f"x={cfg.x} is above fail_above={cfg.fail_above}")
+        with metrics.open("w", newline="") as f:
+            # sparse rows, as Lightning's CSVLogger writes them: train and val metrics on separate rows
+            writer = csv.writer(f)
+            writer.writerow(["epoch", "step", "train/loss", "val/loss"])
+            for step in range(cfg.steps):
+                time.sleep(sleep)
+                value = loss_at(cfg, step)
+                writer.writerow([0, step, value + 0.05, ""])
+                writer.writerow([0, step, "", value])
+                f.flush()
+                reporter.report(step, value)
+                if reporter.should_prune():
+                    status = "pruned"
+                    raise optuna.TrialPruned(f"pruned at step {step}")
+        if cfg.nan_above is not None and cfg.y > cfg.nan_above:
+            value = math.nan
+        status = "completed"
+        return value
+    finally:
+        ended = time.time()
+        result = {
+            "metric": value,
+            "status": status,
+            "wall_time_s": ended - started,
+            "tokens_seen": 1000 * step,
+        }
+        (out / "result.json").write_text(json.dumps(result))
+        (out / "timing.json").write_text(json.dumps({"start": started, "end": ended, **job}))
+
+
+if __name__ == "__main__":
+    main()

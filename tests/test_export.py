@@ -1,0 +1,72 @@
+"""Hugging Face export: a plain LlamaForCausalLM with the native model's logits, and an exact round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from picomaml.export import export_to_hf, load_checkpoint, load_from_hf, main
+from picomaml.model import PicoDecoder
+
+
+@pytest.fixture(scope="module")
+def model() -> PicoDecoder:
+    torch.manual_seed(0)
+    model = PicoDecoder.from_preset("tiny").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # not all ones, so a swapped or dropped norm would show
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
+                p.mul_(5)  # sharper attention, so a RoPE layout mistake cannot hide in flat softmaxes
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(model: PicoDecoder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_to_hf(model, tmp_path_factory.mktemp("hf"))
+
+
+def test_exported_llama_logits_match_native(model: PicoDecoder, hf_dir: Path) -> None:
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in config
+    assert config["tie_word_embeddings"] is False and config["rms_norm_eps"] == 1e-6
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+
+    x = torch.randint(0, 50304, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        native = model(x)
+        exported = hf(x).logits.float()
+    assert (native - exported).abs().max().item() < 1e-4
+
+
+def test_round_trip_is_exact(model: PicoDecoder, hf_dir: Path) -> None:
+    back = load_from_hf(hf_dir)
+    assert back.config == model.config
+    original = model.state_dict()
+    for name, tensor in back.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
+def test_cli_exports_lightning_checkpoint(model: PicoDecoder, tmp_path: Path) -> None:
+    ckpt = tmp_path / "last.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"model_config": model.config.to_dict()},
+        },
+        ckpt,
+    )
+    main([str(ckpt), str(tmp_path / "hf")])
+    assert torch.equal(load_from_hf(tmp_path / "hf").de_embedding_proj.weight, model.de_embedding_proj.weight)
+
+    plain = tmp_path / "state_dict.pt"
+    torch.save(model.state_dict(), plain)
+    with pytest.raises(ValueError, match="--preset"):
+        load_checkpoint(plain)
+    assert load_checkpoint(plain, preset="tiny").config == model.config
