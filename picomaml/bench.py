@@ -102,7 +102,7 @@ def bench_train(argv: list[str]) -> dict[str, object]:
 
     config = load_model_config(args["model"])
     model = PicoDecoder(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=True)
     tokens = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
     input_ids, labels = tokens[:, :-1], tokens[:, 1:]
 

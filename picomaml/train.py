@@ -14,12 +14,14 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -33,7 +35,9 @@ from picomaml.lit.checkpoint_io import AtomicCheckpointIO
 from picomaml.lit.loggers import ResumableCSVLogger
 from picomaml.lit.module import PicoLitModule
 from picomaml.lit.optim import OptimConfig
+from picomaml.meta import MetaConfig
 from picomaml.model import ModelConfig
+from picomaml.sweep import trial_reporter
 from picomaml.utils.config_tree import print_config_tree
 
 log = logging.getLogger(__name__)
@@ -58,12 +62,14 @@ def prepare_run(cfg: DictConfig) -> RunPlan:
 
     model_config: ModelConfig = instantiate_section(cfg, "model")
     optim: OptimConfig = instantiate_section(cfg, "optim")
+    meta: MetaConfig = instantiate_section(cfg, "meta")
     datamodule = instantiate_section(cfg, "data")
-    if cfg.data.seq_len > model_config.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}; "
-            f"use data.seq_len <= {model_config.max_seq_len}"
-        )
+    for key, length in (("data.seq_len", cfg.data.seq_len), ("meta.window_len", meta.window_len)):
+        if length > model_config.max_seq_len and (key == "data.seq_len" or meta.enabled):
+            raise ConfigError(
+                f"{key}={length} exceeds model.max_seq_len={model_config.max_seq_len}; "
+                f"use {key} <= {model_config.max_seq_len}"
+            )
     if cfg.trainer.max_steps is None or cfg.trainer.max_steps < 1:
         raise ConfigError(
             f"trainer.max_steps must be a positive number of steps, got {cfg.trainer.max_steps}"
@@ -73,7 +79,13 @@ def prepare_run(cfg: DictConfig) -> RunPlan:
     if resume_from is not None:
         check_checkpoint_architecture(resume_from, model_config)
 
-    module = PicoLitModule(model_config, optim, seq_len=cfg.data.seq_len)
+    if meta.enabled:
+        try:
+            datamodule.setup_meta(meta)  # builds the word index: too few eligible words fail here
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    module = PicoLitModule(model_config, optim, seq_len=cfg.data.seq_len, meta=meta, seed=cfg.seed)
+    module.validation_listeners.append(_pruning_listener(cfg))
     trainer = build_trainer(cfg, optim, output_dir, resume_from)
     return RunPlan(output_dir, module, datamodule, trainer, resume_from)
 
@@ -159,6 +171,21 @@ def _instantiate_group(cfg: DictConfig, key: str, output_dir: Path | None = None
             raise ConfigError(f"{key}.{name}: {err}") from err
 
 
+def _pruning_listener(cfg: DictConfig) -> Callable[[int, dict[str, float]], None]:
+    """Reports each validation's `optimized_metric` to the optuna trial this job runs (if any) and
+    stops training when the study's pruner says so; outside an optuna sweep it does nothing."""
+    reporter = trial_reporter(cfg)
+
+    def listen(step: int, metrics: dict[str, float]) -> None:
+        if not reporter.active or cfg.optimized_metric not in metrics:
+            return
+        reporter.report(step, metrics[cfg.optimized_metric])
+        if reporter.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step}")
+
+    return listen
+
+
 def _checkpoint_step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
@@ -191,6 +218,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return result
     except BaseException as err:
         result["error"] = f"{type(err).__name__}: {err}"
+        if isinstance(err, optuna.TrialPruned):
+            result["status"] = "pruned"
         raise
     finally:
         result["wall_time_s"] = time.time() - start

@@ -72,17 +72,17 @@ def test_causal(tiny: PicoDecoder) -> None:
     assert not torch.allclose(a[:, 15:], b[:, 15:])
 
 
-def test_rope_is_interleaved_complex_form() -> None:
+def test_rope_rotates_interleaved_pairs() -> None:
     head_dim, theta, start, length = 8, 10000.0, 3, 5
     x = torch.randn(2, length, 3, head_dim)
-    cos, sin = pico_decoder.rope_angles(head_dim, theta, start, length, x.device)
-    ours = pico_decoder.apply_rope(x, cos, sin)
-    # Reference, independently: consecutive pairs are complex numbers, rotated by e^{i * pos * freq}.
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2).double() / head_dim)
-    angles = torch.arange(start, start + length).double()[:, None] * freqs
-    rotation = torch.polar(torch.ones_like(angles), angles)[None, :, None, :]
-    as_complex = torch.view_as_complex(x.double().reshape(2, length, 3, head_dim // 2, 2))
-    reference = torch.view_as_real(as_complex * rotation).flatten(-2)
+    ours = pico_decoder.apply_rope(x, pico_decoder.rope_rotations(head_dim, theta, start, length, x.device))
+    # Reference in real arithmetic, float64: pair j = elements (2j, 2j+1) turns by pos * theta^(-2j/E).
+    freqs = theta ** (-torch.arange(0, head_dim, 2).double() / head_dim)
+    angles = torch.arange(start, start + length).double()[:, None, None] * freqs  # [T, 1, E/2]
+    a, b = x.double()[..., 0::2], x.double()[..., 1::2]
+    reference = torch.empty_like(x, dtype=torch.float64)
+    reference[..., 0::2] = a * angles.cos() - b * angles.sin()
+    reference[..., 1::2] = a * angles.sin() + b * angles.cos()
     torch.testing.assert_close(ours.double(), reference, rtol=0, atol=1e-5)
 
 

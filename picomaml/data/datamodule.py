@@ -36,8 +36,10 @@ from transformers import PreTrainedTokenizerFast
 
 from picomaml.data import dolma
 from picomaml.data.corpora import CORPORA, make_corpus
+from picomaml.data.episodes import HybridMicrobatches, MetaEpisodes, meta_val_batches
 from picomaml.data.packing import PackedCorpus, TokenStream, load_packed
 from picomaml.data.tokenizer import TOKENIZER_NAMES, load_tokenizer
+from picomaml.meta import MetaBatchDataset, MetaConfig, WordIndex
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,9 @@ class PicoDataModule(L.LightningDataModule):
         self.seed = seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else _DEFAULT_CACHE_DIR
         self.next_microbatch = 0
+        self.meta: MetaConfig | None = None
+        self._meta_train: MetaBatchDataset | None = None
+        self._meta_test: MetaBatchDataset | None = None
         self._packed: PackedCorpus | None = None
         self._dolma_val_rows: np.ndarray | None = None
 
@@ -303,15 +308,43 @@ class PicoDataModule(L.LightningDataModule):
         )
         return iter(dataset)
 
+    def setup_meta(self, meta: MetaConfig) -> None:
+        """Serve SMLMT meta-batches beside the AR batches (see :mod:`picomaml.data.episodes`).
+
+        Builds the word index over the first ``meta.buffer_tokens`` training tokens now, so a corpus
+        that cannot supply ``k_shot + q_query`` windows for ``n_way`` words fails before training.
+        """
+        stream = self.train_token_stream(max_tokens=meta.buffer_tokens)
+        index = WordIndex.build(
+            np.asarray(stream.tokens),
+            self.tokenizer,
+            meta,
+            mask_id=self.mask_token_id,
+            pad_id=self.pad_token_id,
+        )
+        self.meta = meta
+        self._meta_train = MetaBatchDataset(index, meta, seed=self.seed)
+        self._meta_test = MetaBatchDataset(index, meta, seed=self.seed, meta_test=True)
+
+    @property
+    def meta_test_episodes(self) -> MetaBatchDataset | None:
+        """Meta-test meta-batches (held-out words), for evaluation; None unless :meth:`setup_meta` ran."""
+        return self._meta_test
+
     def train_dataloader(self) -> DataLoader:
         """Infinite loader from ``next_microbatch`` (0, or the value restored from a checkpoint).
 
         Stop training with ``max_steps``; the Trainer must use ``use_distributed_sampler=False``
-        because the rank slicing happens here.
+        because the rank slicing happens here. With meta-learning set up, items are
+        ``{"ar": <micro-batch>, "meta": <meta-batch>}``.
         """
         rank, world_size = self.rank_and_world_size()
+        dataset = self._train_dataset(self.next_microbatch, rank, world_size)
+        if self._meta_train is not None:
+            meta = MetaEpisodes(self._meta_train, self.next_microbatch, rank, world_size)
+            dataset = HybridMicrobatches(dataset, meta)
         return DataLoader(
-            self._train_dataset(self.next_microbatch, rank, world_size),
+            dataset,
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
@@ -356,9 +389,15 @@ class PicoDataModule(L.LightningDataModule):
         return batches
 
     def val_dataloader(self) -> DataLoader | list:
-        """The validation micro-batches (none when ``val_batches`` is 0)."""
+        """The validation micro-batches (none when ``val_batches`` is 0); with meta-learning set up, a
+        second loader of fixed meta-test meta-batches (dataloader_idx 1)."""
         batches = self.val_batches_list()
-        return DataLoader(batches, batch_size=None) if batches else []
+        ar = DataLoader(batches, batch_size=None) if batches else []
+        if self._meta_test is None or self.meta is None or self.meta.val_episodes == 0:
+            return ar
+        rank, world_size = self.rank_and_world_size()
+        meta = meta_val_batches(self._meta_test, self.meta.val_episodes, rank, world_size)
+        return [ar, DataLoader(meta, batch_size=None)]
 
     # -- streams for evaluation and the meta-learning sampler --------------------------------------------
 
@@ -388,7 +427,8 @@ class PicoDataModule(L.LightningDataModule):
         # Count a micro-batch as consumed only once it reaches the training step, not when a worker
         # prefetches it, so a checkpoint resumes right after the last batch trained on.
         if self.trainer is not None and self.trainer.training and isinstance(batch, dict):
-            self.next_microbatch = int(batch["microbatch"]) + 1
+            ar = batch.get("ar", batch)  # hybrid items carry the AR micro-batch under "ar"
+            self.next_microbatch = int(ar["microbatch"]) + 1
         return batch
 
     def state_dict(self) -> dict[str, Any]:

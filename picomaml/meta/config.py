@@ -57,6 +57,7 @@ class MetaConfig:
         hybrid_ratio: fraction of optimizer steps that are meta steps (`schedule`) or the meta weight r in
             loss = (1 - r) AR + r meta (`sum`).
         hybrid_mode: `schedule` or `sum`.
+        val_episodes: meta-test episodes (of `tasks_per_step` tasks each) scored at every validation.
     """
 
     enabled: bool = True
@@ -84,6 +85,7 @@ class MetaConfig:
     head_init: str = "kaiming"
     output_init: str = "proto"
     proto_scale: float = 10.0
+    val_episodes: int = 16
 
     def __post_init__(self) -> None:
         # Hydra hands over ListConfig objects; plain lists pickle into DataLoader workers and compare
@@ -98,6 +100,7 @@ class MetaConfig:
         _at_least("k_shot", self.k_shot, 1)
         _at_least("q_query", self.q_query, 1)
         _at_least("tasks_per_step", self.tasks_per_step, 1)
+        _at_least("val_episodes", self.val_episodes, 0)
         _at_least("inner_steps", self.inner_steps, 0)
         if not self.inner_lr > 0:
             raise ValueError(f"meta.inner_lr must be > 0, got {self.inner_lr}")

@@ -334,8 +334,8 @@ class PicoDecoder(nn.Module):
         )
 
 
-# Tokens per loss chunk: the [chunk, V] fp32 block (1024 x 50304 x 4 B = 206 MB) stays well below the
-# activations of the trunk, while chunk rows are enough for an efficient matmul.
+# Tokens per loss chunk: one reusable [chunk, V] fp32 block (1024 x 50304 x 4 B = 206 MB) is small next
+# to the trunk's activations, and 1024 rows keep the three vocabulary matmuls near peak speed.
 _LOSS_CHUNK_TOKENS = 1024
 
 
@@ -343,10 +343,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Fused ``cross_entropy(h @ W.T, labels)`` that computes its gradients during the forward pass.
 
     For each chunk of tokens: logits = h_c @ W.T (in the autocast dtype when autocast is on, like a
-    plain ``nn.Linear``), fp32 log-softmax, loss; and, when gradients are needed,
-    dlogits = (softmax - onehot) / n_valid, so grad_h_c = dlogits @ W and grad_W += dlogits.T @ h_c
-    (accumulated in fp32). Only one [chunk, V] block exists at a time, and the logits are never
-    recomputed: the backward pass just scales the stored gradients by the incoming grad_output.
+    plain ``nn.Linear``), then an fp32 softmax, done in place in one preallocated [chunk, V] buffer:
+    loss = logsumexp - logit[label], and, when gradients are needed,
+    dlogits = (softmax - onehot) / n_valid, grad_h_c = dlogits @ W, grad_W += dlogits.T @ h_c
+    (accumulated in fp32). Only that one vocabulary-sized block ever exists, the logits are never
+    recomputed, and the backward pass just scales the stored gradients by grad_output.
+    Why in place: fresh large allocations cost page faults (on CPU about as much as the exp), and
+    every extra pass over the block costs as much as a fifth of the exp.
     Not twice differentiable (the meta-learning objective does not differentiate through it).
     """
 
@@ -359,50 +362,60 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         chunk: int,
     ) -> torch.Tensor:
-        compute_dtype = h.dtype
-        if torch.is_autocast_enabled(h.device.type):
-            compute_dtype = torch.get_autocast_dtype(h.device.type)
-        # Autograd's own forward runs with autocast on; we cast once here and compute in plain dtypes.
-        with torch.autocast(h.device.type, enabled=False):
+        device = h.device
+        compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Autograd runs this forward with autocast still on; cast once here and compute in plain dtypes.
+        with torch.autocast(device.type, enabled=False):
             w = weight.to(compute_dtype)
             valid = labels != ignore_index
-            n_valid = valid.sum()
-            # Mean over valid tokens; 0/0 -> nan like F.cross_entropy when every label is ignored.
-            scale = 1.0 / n_valid.float()
-            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            grad_h = torch.empty_like(h) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            safe_labels = torch.where(valid, labels, 0)[:, None]  # [N, 1]
+            # Mean over valid tokens; 0/0 gives nan like F.cross_entropy when every label is ignored.
+            scale = 1.0 / valid.sum().float()
+            row_scale = valid.float() * scale  # [N]
+            grad_h = torch.empty(h.shape, dtype=compute_dtype, device=device) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_w else None
+            losses = torch.empty(h.shape[0], dtype=torch.float32, device=device)
+            n_rows = min(chunk, h.shape[0])
+            block = torch.empty(n_rows, weight.shape[0], dtype=torch.float32, device=device)
+            # low-precision copies of the logits and their gradient under autocast
+            low = None if compute_dtype == torch.float32 else torch.empty_like(block, dtype=compute_dtype)
             for start in range(0, h.shape[0], chunk):
-                h_c = h[start : start + chunk].to(compute_dtype)  # [C, D]
-                y_c = labels[start : start + chunk]
-                v_c = valid[start : start + chunk]
-                logits = (h_c @ w.t()).float()  # [C, V], the only vocab-sized block
-                lse = torch.logsumexp(logits, dim=-1)  # [C]
-                safe_y = torch.where(v_c, y_c, 0)
-                target = logits.gather(1, safe_y[:, None]).squeeze(1)
-                total += ((lse - target) * v_c).sum()
-                if need_h or need_w:
-                    # softmax - onehot, in place over the logits block to avoid a second [C, V] buffer
-                    probs = logits.sub_(lse[:, None]).exp_()
-                    probs.scatter_add_(1, safe_y[:, None], -v_c[:, None].float())
-                    probs.mul_((v_c.float() * scale)[:, None])
-                    d_logits = probs.to(compute_dtype)
-                    if need_h:
-                        grad_h[start : start + chunk] = d_logits @ w
-                    if need_w and compute_dtype == torch.float32:
-                        grad_w.addmm_(d_logits.t(), h_c)
-                    elif need_w:
-                        grad_w += d_logits.t() @ h_c
+                rows = slice(start, start + chunk)
+                h_c = h[rows].to(compute_dtype)  # [C, D]
+                n = h_c.shape[0]
+                logits = block[:n]  # [C, V], fp32
+                if compute_dtype == torch.float32:
+                    torch.mm(h_c, w.t(), out=logits)
+                else:
+                    logits.copy_(torch.mm(h_c, w.t(), out=low[:n]))
+                target = logits.gather(1, safe_labels[rows]).squeeze(1)
+                row_max = logits.amax(dim=1, keepdim=True)
+                exp = logits.sub_(row_max).exp_()  # exp(logit - max), in place
+                sum_exp = exp.sum(dim=1)
+                losses[rows] = sum_exp.log() + row_max.squeeze(1) - target
+                if not (need_h or need_w):
+                    continue
+                # (softmax - onehot) * row_scale, still in place
+                exp.mul_((row_scale[rows] / sum_exp)[:, None])
+                exp.scatter_add_(1, safe_labels[rows], -row_scale[rows, None])
+                d_logits = exp if compute_dtype == torch.float32 else low[:n].copy_(exp)
+                if need_h:
+                    torch.mm(d_logits, w, out=grad_h[rows])
+                if need_w and compute_dtype == torch.float32:
+                    grad_w.addmm_(d_logits.t(), h_c)
+                elif need_w:
+                    grad_w += d_logits.t() @ h_c
             ctx.save_for_backward(grad_h, grad_w)
-            ctx.weight_dtype = weight.dtype
-            return total * scale
+            ctx.dtypes = (h.dtype, weight.dtype)
+            return (losses * valid).sum() * scale
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple:
         grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
         if grad_h is not None:
-            grad_h = grad_h * grad_out.to(grad_h.dtype)
+            grad_h = (grad_h * grad_out).to(h_dtype)
         if grad_w is not None:
-            grad_w = (grad_w * grad_out).to(ctx.weight_dtype)
+            grad_w = (grad_w * grad_out).to(w_dtype)
         return grad_h, grad_w, None, None, None

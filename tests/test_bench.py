@@ -1,0 +1,41 @@
+"""Smoke run of the training benchmark: every key present, values sane (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from picomaml.bench import main
+from picomaml.model import load_model_config, model_flops_per_token
+
+KEYS = {
+    "model", "precision", "batch_size", "seq_len", "steps", "warmup", "tokens_per_s", "step_time_mean_s",
+    "step_time_median_s", "step_time_min_s", "model_flops_per_token", "achieved_flops_per_s",
+    "peak_matmul_flops_per_s", "peak_matmul_n", "mfu", "peak_rss_mb", "num_parameters", "torch_version",
+    "threads", "device", "cpu", "cpu_capability",
+}  # fmt: skip
+
+
+def test_bench_train_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    main(["train", "model=tiny", "precision=fp32", "batch_size=2", "seq_len=32", "steps=2", "warmup=1"]
+         + ["threads=1", "peak_n=256", f"out={out}"])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert set(result) == KEYS
+    assert (result["model"], result["precision"], result["batch_size"], result["seq_len"]) == ("tiny", "fp32", 2, 32)
+    assert result["model_flops_per_token"] == model_flops_per_token(load_model_config("tiny"), 32)
+    assert result["tokens_per_s"] > 0 and result["step_time_median_s"] > 0
+    assert result["achieved_flops_per_s"] == pytest.approx(result["tokens_per_s"] * result["model_flops_per_token"])
+    assert result["mfu"] == pytest.approx(result["achieved_flops_per_s"] / result["peak_matmul_flops_per_s"])
+    assert 0 < result["mfu"] < 1.5 and result["peak_rss_mb"] > 0 and result["threads"] == 1
+
+
+def test_bench_rejects_bad_arguments() -> None:
+    with pytest.raises(SystemExit, match="usage"):
+        main(["nope"])
+    with pytest.raises(SystemExit, match="batchsize"):
+        main(["train", "batchsize=3"])
+    with pytest.raises(SystemExit, match="fp32, bf16"):
+        main(["train", "model=tiny", "precision=fp16"])
