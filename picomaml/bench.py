@@ -47,7 +47,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, min_time: float = 1.0) -> float:
+def matmul_peak_flops(
+    dtype: torch.dtype, device: torch.device, n: int = 2048, min_time: float = 1.0
+) -> float:
     """Best observed FLOP/s of an [n, n] x [n, n] matmul in ``dtype`` (the denominator of MFU)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)

@@ -85,7 +85,9 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path,
     :class:`RunError` (or FileNotFoundError for a missing path) with what is wrong and what exists.
     """
     path = Path(path).expanduser()
-    if not path.exists():
+    # checkpoints/step_<N> names a step whether or not learning dynamics created that directory
+    names_step = re.fullmatch(r"step_(\d+)", path.name) is not None and path.parent.name == "checkpoints"
+    if not path.exists() and not (names_step and path.parent.is_dir()):
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_file():
         if path.suffix != ".ckpt":
@@ -93,9 +95,8 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path,
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         checkpoint = path
     else:
-        match = re.fullmatch(r"step_(\d+)", path.name)
-        if match and path.parent.name == "checkpoints":
-            run_dir, step = path.parent.parent, int(match.group(1))
+        if names_step:
+            run_dir, step = path.parent.parent, int(path.name.removeprefix("step_"))
         else:
             run_dir = path.parent if path.name == "checkpoints" else path
         checkpoint = None
@@ -127,7 +128,9 @@ def load_run(path: str | Path, step: int | None = None) -> LoadedRun:
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:
-        raise RunError(f"{checkpoint_path} cannot be read ({err}); it is corrupt or not a checkpoint") from err
+        raise RunError(
+            f"{checkpoint_path} cannot be read ({err}); it is corrupt or not a checkpoint"
+        ) from err
     hparams = checkpoint.get("hyper_parameters") or {}
     if "model_config" not in hparams or "state_dict" not in checkpoint:
         raise RunError(f"{checkpoint_path} is not a picomaml checkpoint (no model_config / state_dict)")

@@ -116,7 +116,9 @@ def export_to_hf(model: PicoDecoder, out_dir: str | Path, tokenizer=None) -> Pat
     dtype = model.embedding_proj.weight.dtype
     state = {k: v.cpu() for k, v in to_llama_state_dict(model).items()}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(llama_config(model.config, dtype, tokenizer), indent=2) + "\n")
+    (out / "config.json").write_text(
+        json.dumps(llama_config(model.config, dtype, tokenizer), indent=2) + "\n"
+    )
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out

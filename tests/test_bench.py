@@ -22,14 +22,14 @@ def test_bench_train_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     main(["train", "model=tiny", "precision=fp32", "batch_size=2", "seq_len=32", "steps=2", "warmup=1"]
          + ["threads=1", "peak_n=256", f"out={out}"])  # fmt: skip
-    result = json.loads(out.read_text())
-    assert set(result) == KEYS
-    assert (result["model"], result["precision"], result["batch_size"], result["seq_len"]) == ("tiny", "fp32", 2, 32)
-    assert result["model_flops_per_token"] == model_flops_per_token(load_model_config("tiny"), 32)
-    assert result["tokens_per_s"] > 0 and result["step_time_median_s"] > 0
-    assert result["achieved_flops_per_s"] == pytest.approx(result["tokens_per_s"] * result["model_flops_per_token"])
-    assert result["mfu"] == pytest.approx(result["achieved_flops_per_s"] / result["peak_matmul_flops_per_s"])
-    assert 0 < result["mfu"] < 1.5 and result["peak_rss_mb"] > 0 and result["threads"] == 1
+    r = json.loads(out.read_text())
+    assert set(r) == KEYS
+    assert (r["model"], r["precision"], r["batch_size"], r["seq_len"]) == ("tiny", "fp32", 2, 32)
+    assert r["model_flops_per_token"] == model_flops_per_token(load_model_config("tiny"), 32)
+    assert r["tokens_per_s"] > 0 and r["step_time_median_s"] > 0
+    assert r["achieved_flops_per_s"] == pytest.approx(r["tokens_per_s"] * r["model_flops_per_token"])
+    assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"] / r["peak_matmul_flops_per_s"])
+    assert 0 < r["mfu"] < 1.5 and r["peak_rss_mb"] > 0 and r["threads"] == 1
 
 
 def test_bench_rejects_bad_arguments() -> None:

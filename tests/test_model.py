@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from picomaml.model import KVCache, ModelConfig, PicoDecoder, load_model_config, model_flops_per_token
-from picomaml.model import pico_decoder
+from picomaml.model import (
+    KVCache,
+    ModelConfig,
+    PicoDecoder,
+    load_model_config,
+    model_flops_per_token,
+    pico_decoder,
+)
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ class GradCapture(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: object
     ) -> None:
-        self.grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+        self.grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
 def test_gradient_accumulation_equals_a_larger_batch(tmp_path: Path, cache_dir: Path) -> None:

@@ -106,6 +106,12 @@ class MetaConfig:
             raise ValueError(f"meta.inner_lr must be > 0, got {self.inner_lr}")
         if not 0.0 <= self.hybrid_ratio <= 1.0:
             raise ValueError(f"meta.hybrid_ratio must be in [0, 1], got {self.hybrid_ratio}")
+        if not self.enabled and self.hybrid_ratio != 0.0:
+            # a silently ignored key would make a sweep over it look like it measured something
+            raise ValueError(
+                f"meta.hybrid_ratio={self.hybrid_ratio} needs meta-learning on: pick a meta option "
+                "(meta=5way4shot, ...) or set meta.enabled=true"
+            )
         _one_of("hybrid_mode", self.hybrid_mode, HYBRID_MODES)
         _at_least("min_window_tokens", self.min_window_tokens, 2)
         if self.window_len < self.min_window_tokens:

@@ -76,7 +76,9 @@ class ModelConfig:
                 f"model.d_model={self.d_model}; allowed values: {divisors}"
             )
         if self.head_dim % 2:
-            even = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and self.d_model // h % 2 == 0]
+            even = [
+                h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and self.d_model // h % 2 == 0
+            ]
             raise ValueError(
                 f"model.attention_n_heads={self.attention_n_heads} gives an odd head_dim "
                 f"{self.head_dim} (RoPE rotates pairs); allowed values for d_model={self.d_model}: {even}"
@@ -114,7 +116,9 @@ class RMSNorm(nn.Module):
         return normed * self.weight
 
 
-def rope_rotations(head_dim: int, theta: float, start_pos: int, seq_len: int, device: torch.device) -> torch.Tensor:
+def rope_rotations(
+    head_dim: int, theta: float, start_pos: int, seq_len: int, device: torch.device
+) -> torch.Tensor:
     """Unit complex numbers ``exp(i * pos * freq_j)`` for positions ``start_pos .. start_pos + T - 1``.
 
     Pair ``j`` of a head (elements ``2j, 2j+1``) rotates at ``freq_j = theta ** (-2j / head_dim)``.
@@ -363,7 +367,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         chunk: int,
     ) -> torch.Tensor:
         device = h.device
-        compute_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+        compute_dtype = (
+            torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+        )
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Autograd runs this forward with autocast still on; cast once here and compute in plain dtypes.
         with torch.autocast(device.type, enabled=False):

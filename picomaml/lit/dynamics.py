@@ -1,0 +1,254 @@
+"""Learning-dynamics dumps in pico-train's layout, so pico-analyze reads a picomaml run unchanged.
+
+At each scheduled step N (after N optimizer updates, i.e. the weights of checkpoint ``step_N``) the
+:class:`LearningDynamics` callback writes::
+
+    <checkpoints>/step_<N>/learning_dynamics/
+        train_activations.pt   {module name: Float[B, out]}   output of the module at ``sequence_idx``
+        train_weights.pt       {module name: Float[out, in]}  the module's weight
+        train_gradients.pt     {module name: Float[out, in]}  d(LM loss)/d(weight) on that batch
+        train_data/            HF dataset (``save_to_disk``): ``input_ids`` (the rows) and ``text``
+        val_activations.pt     the same on a fixed validation batch (the same rows at every step, which
+        val_weights.pt         is what makes activations comparable across steps, e.g. by CKA)
+        val_gradients.pt
+
+for every module whose name ends with one of ``layer_suffixes`` (pico-train's default:
+``attention.v_proj``, ``attention.o_proj``, ``swiglu.w_2``; names as in ``PicoDecoder.named_modules()``,
+e.g. ``layers.3.swiglu.w_2``). The train batch is the micro-batch that produced update N (for step 0,
+the first micro-batch, seen by the initial weights); rows are the datamodule's ``tokens`` [B, T+1], inputs
+``[:, :-1]``, labels ``[:, 1:]``, as pico-train does.
+
+The dump must not change training: it runs its own forward and takes gradients with
+``torch.autograd.grad`` (which never writes ``.grad``), touches no optimizer state, draws no random
+numbers, does not copy the model, and removes its hooks before returning. It runs on global rank 0 with
+rank 0's batch, on the unwrapped model (DDP is fine; FSDP shards the weights and is not supported).
+
+Schedule (:func:`checkpoint_steps`): Pythia's log-spaced 0, 1, 2, 4, ..., 512, then every
+``every_n_steps``, and the final step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LAYER_SUFFIXES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
+
+
+def checkpoint_steps(max_steps: int, every_n_steps: int, log_spaced_until: int = 512) -> list[int]:
+    """Steps 0, 1, 2, 4, ... (powers of two up to ``log_spaced_until``), every multiple of
+    ``every_n_steps``, and ``max_steps`` itself; all <= ``max_steps``, sorted.
+
+    >>> checkpoint_steps(2500, 1000)
+    [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 2500]
+    """
+    if max_steps < 0 or every_n_steps < 1 or log_spaced_until < 0:
+        raise ValueError(
+            f"need max_steps >= 0, every_n_steps >= 1, log_spaced_until >= 0; "
+            f"got {max_steps}, {every_n_steps}, {log_spaced_until}"
+        )
+    steps = {0, max_steps}
+    power = 1
+    while power <= min(log_spaced_until, max_steps):
+        steps.add(power)
+        power *= 2
+    steps.update(range(every_n_steps, max_steps + 1, every_n_steps))
+    return sorted(steps)
+
+
+def match_modules(model: nn.Module, layer_suffixes: Sequence[str]) -> dict[str, nn.Module]:
+    """Modules whose name ends with one of ``layer_suffixes``, by name, in model order.
+
+    Raises ValueError naming the first suffix that matches no module with a weight, and a few valid names.
+    """
+    named = [
+        (name, m) for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+    ]
+    for suffix in layer_suffixes:
+        if not any(name == suffix or name.endswith("." + suffix) for name, _ in named):
+            examples = ", ".join(name for name, _ in named[1:7])
+            raise ValueError(
+                f"LearningDynamics: layer suffix {suffix!r} matches no module of the model; "
+                f"module names look like: {examples}, ..."
+            )
+    return {
+        name: m
+        for name, m in named
+        if any(name == suffix or name.endswith("." + suffix) for suffix in layer_suffixes)
+    }
+
+
+def extract_states(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    tokens: torch.Tensor,
+    sequence_idx: int = -1,
+    forward_context: Any = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Activations, weights and LM-loss gradients of ``modules`` on ``tokens`` [B, T+1] (fp32, CPU).
+
+    ``model`` must have ``lm_loss(input_ids, labels)``. ``forward_context`` (e.g. the trainer's precision
+    autocast) wraps the forward pass, so activations are what training computes.
+    """
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    activations: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Any:
+        def save(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            # clone: a slice of [B, T, D] would otherwise pin (and torch.save) the whole tensor
+            activations[name] = output[:, sequence_idx, :].detach().float().cpu().clone()
+
+        return save
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    try:
+        with torch.enable_grad(), forward_context or contextlib.nullcontext():
+            loss = model.lm_loss(tokens[:, :-1], tokens[:, 1:])
+        grads = torch.autograd.grad(loss, [m.weight for m in modules.values()])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        "activations": activations,
+        "weights": {name: m.weight.detach().float().cpu().clone() for name, m in modules.items()},
+        "gradients": {name: g.detach().float().cpu() for name, g in zip(modules, grads, strict=True)},
+    }
+
+
+class LearningDynamics(pl.Callback):
+    """Writes pico-train learning-dynamics files at the scheduled steps (see the module docstring).
+
+    Args:
+        every_n_steps: after the log-spaced steps, dump every this many optimizer steps (use the
+            checkpoint cadence, so every ``step_N`` checkpoint has its dynamics).
+        log_spaced_until: last power-of-two step of the early schedule (Pythia: 512).
+        layer_suffixes: module-name suffixes to record; each must match at least one module.
+        sequence_idx: token position whose activations are saved (-1: the last input position).
+        val_batch_size: rows of the fixed validation batch (taken from the datamodule's validation
+            micro-batches, in order); 0 disables the ``val_*`` files.
+        dirpath: the run's checkpoint directory (default ``<trainer.default_root_dir>/checkpoints``).
+        steps: an explicit list of steps instead of the schedule.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        log_spaced_until: int = 512,
+        layer_suffixes: Sequence[str] = DEFAULT_LAYER_SUFFIXES,
+        sequence_idx: int = -1,
+        val_batch_size: int = 32,
+        dirpath: str | os.PathLike | None = None,
+        steps: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if not layer_suffixes:
+            raise ValueError("LearningDynamics: layer_suffixes is empty")
+        self.every_n_steps = every_n_steps
+        self.log_spaced_until = log_spaced_until
+        self.layer_suffixes = tuple(layer_suffixes)
+        self.sequence_idx = sequence_idx
+        self.val_batch_size = val_batch_size
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.steps = sorted(set(steps)) if steps is not None else None
+        self._schedule: set[int] = set()
+        self._modules: dict[str, nn.Module] = {}
+        self._last_tokens: torch.Tensor | None = None
+        self._last_dumped = -1
+        self._val_tokens: torch.Tensor | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._modules = match_modules(pl_module.model, self.layer_suffixes)
+        steps = self.steps
+        if steps is None:
+            steps = checkpoint_steps(max(trainer.max_steps, 0), self.every_n_steps, self.log_spaced_until)
+        self._schedule = set(steps)
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a resumed run already wrote the dumps up to its checkpoint step
+        self._last_dumped = trainer.global_step if trainer.global_step > 0 else -1
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if isinstance(batch, dict) and "tokens" in batch:
+            self._last_tokens = batch["tokens"]
+        if trainer.global_step == 0 and self._last_dumped < 0 and 0 in self._schedule:
+            self._dump(0, trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step > self._last_dumped and step in self._schedule:
+            self._dump(step, trainer, pl_module)
+
+    def _dump(self, step: int, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_dumped = step
+        if not trainer.is_global_zero or self._last_tokens is None:
+            return
+        model = pl_module.model
+        out_dir = self.dirpath / f"step_{step}" / "learning_dynamics"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        context = trainer.strategy.precision_plugin.forward_context()
+        train = extract_states(model, self._modules, self._last_tokens, self.sequence_idx, context)
+        for kind, states in train.items():
+            _save_atomic(states, out_dir / f"train_{kind}.pt")
+        _save_rows(self._last_tokens, getattr(trainer.datamodule, "tokenizer", None), out_dir / "train_data")
+        val_tokens = self._validation_tokens(trainer)
+        if val_tokens is not None:
+            context = trainer.strategy.precision_plugin.forward_context()
+            val = extract_states(model, self._modules, val_tokens, self.sequence_idx, context)
+            for kind, states in val.items():
+                _save_atomic(states, out_dir / f"val_{kind}.pt")
+
+    def _validation_tokens(self, trainer: pl.Trainer) -> torch.Tensor | None:
+        if self._val_tokens is None and self.val_batch_size > 0:
+            batches = getattr(trainer.datamodule, "val_batches_list", lambda: [])()
+            rows = torch.cat([b["tokens"] for b in batches]) if batches else None
+            if rows is None:
+                log.warning("LearningDynamics: the datamodule has no validation batches; no val_* files")
+                self.val_batch_size = 0
+                return None
+            if len(rows) < self.val_batch_size:
+                log.warning(
+                    "LearningDynamics: only %d validation rows (val_batch_size=%d)",
+                    len(rows),
+                    self.val_batch_size,
+                )
+            self._val_tokens = rows[: self.val_batch_size]
+        return self._val_tokens
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _save_rows(tokens: torch.Tensor, tokenizer: Any, path: Path) -> None:
+    """The batch as pico-train saves it: an HF dataset with ``input_ids`` and decoded ``text``."""
+    from datasets import Dataset
+
+    rows = tokens.cpu().tolist()
+    columns: dict[str, list] = {"input_ids": rows}
+    if tokenizer is not None:
+        columns["text"] = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Dataset.from_dict(columns).save_to_disk(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
