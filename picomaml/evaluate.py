@@ -267,6 +267,8 @@ def evaluate_light(
 
     It leaves the training state alone: no optimizer, RNG or ``.grad`` is touched (the inner loop takes
     gradients of the head with ``torch.autograd.grad`` only), and the model's train/eval mode is restored.
+    Call it outside ``torch.inference_mode`` (e.g. from a training-batch hook; picomaml's Trainer runs
+    with ``inference_mode=False``), since the inner loop needs autograd.
     """
     model: PicoDecoder = module.model
     was_training = model.training
@@ -280,7 +282,7 @@ def evaluate_light(
             head = getattr(module, "meta_head", None)
             cfg = eval_meta_config(meta_config, meta_config if head is not None else None)
             per_module = _META_DATASETS.setdefault(datamodule, {})
-            key = (dataclasses.astuple(cfg), seed)
+            key = (repr(cfg), seed)  # the dataclass repr lists every field
             if key not in per_module:
                 per_module[key] = meta_test_dataset(datamodule, cfg, seed)
             was_head_training = head.training if head is not None else False

@@ -35,6 +35,7 @@ from picomaml.lit.checkpoint_io import AtomicCheckpointIO
 from picomaml.lit.loggers import ResumableCSVLogger
 from picomaml.lit.module import PicoLitModule
 from picomaml.lit.optim import OptimConfig
+from picomaml.lit.slurm import preemption_callbacks, submitit_plugins
 from picomaml.meta import MetaConfig
 from picomaml.model import ModelConfig
 from picomaml.sweep import trial_reporter
@@ -142,14 +143,18 @@ def build_trainer(
     # Lightning counts val_check_interval in micro-batches; the config speaks in optimizer steps.
     if isinstance(trainer_cfg.get("val_check_interval"), int):
         trainer_cfg["val_check_interval"] *= optim.accumulate_grad_batches
-    callbacks = list(_instantiate_group(cfg, "callbacks"))
+    # in a submitit job: SIGTERM must not end fit and a requeue signal first saves last.ckpt
+    callbacks = [*_instantiate_group(cfg, "callbacks"), *preemption_callbacks(output_dir)]
     loggers = list(_instantiate_group(cfg, "logger", output_dir=output_dir))
     for logger in loggers:
         if isinstance(logger, ResumableCSVLogger) and resume_from is not None:
             logger.resume_step = _checkpoint_step(resume_from)
     try:
         return hydra.utils.instantiate(
-            trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+            trainer_cfg,
+            callbacks=callbacks,
+            logger=loggers or False,
+            plugins=[AtomicCheckpointIO(), *submitit_plugins()],
         )
     except Exception as err:
         raise ConfigError(f"trainer: {err}") from err

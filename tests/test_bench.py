@@ -13,8 +13,8 @@ from picomaml.model import load_model_config, model_flops_per_token
 KEYS = {
     "model", "precision", "batch_size", "seq_len", "steps", "warmup", "tokens_per_s", "step_time_mean_s",
     "step_time_median_s", "step_time_min_s", "model_flops_per_token", "achieved_flops_per_s",
-    "peak_matmul_flops_per_s", "peak_matmul_n", "mfu", "peak_rss_mb", "num_parameters", "torch_version",
-    "threads", "device", "cpu", "cpu_capability",
+    "peak_matmul_flops_per_s", "peak_matmul_n", "mfu", "tokens_per_s_best", "mfu_best", "peak_rss_mb",
+    "num_parameters", "torch_version", "threads", "device", "cpu", "cpu_capability",
 }  # fmt: skip
 
 

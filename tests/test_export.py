@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from picomaml.export import export_to_hf, load_checkpoint, load_from_hf, main
 from picomaml.model import PicoDecoder
@@ -70,3 +71,12 @@ def test_cli_exports_lightning_checkpoint(model: PicoDecoder, tmp_path: Path) ->
     with pytest.raises(ValueError, match="--preset"):
         load_checkpoint(plain)
     assert load_checkpoint(plain, preset="tiny").config == model.config
+
+
+def test_export_saves_the_tokenizer(model: PicoDecoder, tmp_path: Path) -> None:
+    words = Tokenizer(models.WordLevel({"<eos>": 0, "<unk>": 1, "hello": 2, "world": 3}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="<eos>", unk_token="<unk>")
+    export_to_hf(model, tmp_path, tokenizer=tokenizer)
+    assert AutoTokenizer.from_pretrained(tmp_path)("hello world")["input_ids"] == [2, 3]
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 0

@@ -145,6 +145,15 @@ def test_lm_loss_matches_cross_entropy(
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
+def test_lm_loss_without_grad_mode(tiny: PicoDecoder) -> None:
+    x, labels = _tokens(2, 8), _tokens(2, 8, seed=5)
+    with torch.no_grad():
+        ours = tiny.lm_loss(x, labels)
+        reference = F.cross_entropy(tiny(x).flatten(0, 1), labels.flatten())
+    assert not ours.requires_grad
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_lm_loss_under_bf16_autocast(tiny: PicoDecoder) -> None:
     x, labels = _tokens(1, 8), _tokens(1, 8, seed=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):

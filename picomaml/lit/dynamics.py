@@ -14,9 +14,10 @@ At each scheduled step N (after N optimizer updates, i.e. the weights of checkpo
 
 for every module whose name ends with one of ``layer_suffixes`` (pico-train's default:
 ``attention.v_proj``, ``attention.o_proj``, ``swiglu.w_2``; names as in ``PicoDecoder.named_modules()``,
-e.g. ``layers.3.swiglu.w_2``). The train batch is the micro-batch that produced update N (for step 0,
-the first micro-batch, seen by the initial weights); rows are the datamodule's ``tokens`` [B, T+1], inputs
-``[:, :-1]``, labels ``[:, 1:]``, as pico-train does.
+e.g. ``layers.3.swiglu.w_2``). The train batch is the last micro-batch of update N (for step 0, the
+first micro-batch, seen by the initial weights); rows are the datamodule's ``tokens`` [B, T+1], inputs
+``[:, :-1]``, labels ``[:, 1:]``, as pico-train does. A micro-batch without ``tokens`` (e.g. a meta-only
+batch) is skipped, so the dump uses the latest one that had them.
 
 The dump must not change training: it runs its own forward and takes gradients with
 ``torch.autograd.grad`` (which never writes ``.grad``), touches no optimizer state, draws no random
@@ -216,16 +217,17 @@ class LearningDynamics(pl.Callback):
                 _save_atomic(states, out_dir / f"val_{kind}.pt")
 
     def _validation_tokens(self, trainer: pl.Trainer) -> torch.Tensor | None:
+        """The first ``val_batch_size`` validation rows, read once so every step sees the same inputs."""
         if self._val_tokens is None and self.val_batch_size > 0:
-            batches = getattr(trainer.datamodule, "val_batches_list", lambda: [])()
-            rows = torch.cat([b["tokens"] for b in batches]) if batches else None
-            if rows is None:
+            batches = trainer.datamodule.val_batches_list() if trainer.datamodule is not None else []
+            if not batches:
                 log.warning("LearningDynamics: the datamodule has no validation batches; no val_* files")
                 self.val_batch_size = 0
                 return None
+            rows = torch.cat([b["tokens"] for b in batches])
             if len(rows) < self.val_batch_size:
                 log.warning(
-                    "LearningDynamics: only %d validation rows (val_batch_size=%d)",
+                    "LearningDynamics: only %d validation rows for val_batch_size=%d",
                     len(rows),
                     self.val_batch_size,
                 )
@@ -241,7 +243,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 def _save_rows(tokens: torch.Tensor, tokenizer: Any, path: Path) -> None:
     """The batch as pico-train saves it: an HF dataset with ``input_ids`` and decoded ``text``."""
-    from datasets import Dataset
+    import datasets
 
     rows = tokens.cpu().tolist()
     columns: dict[str, list] = {"input_ids": rows}
@@ -249,6 +251,13 @@ def _save_rows(tokens: torch.Tensor, tokenizer: Any, path: Path) -> None:
         columns["text"] = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    Dataset.from_dict(columns).save_to_disk(str(tmp))
+    # a progress bar per dump would flood the training log
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        datasets.Dataset.from_dict(columns).save_to_disk(str(tmp))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)

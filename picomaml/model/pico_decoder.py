@@ -18,8 +18,8 @@ What differs from pico-train, on purpose (DESIGN.md section 4):
 
 * attention uses ``scaled_dot_product_attention(is_causal=True)`` instead of a float mask built on the
   host every step (which also rules out fused kernels);
-* RoPE angles are computed per forward call from the config (a [T, E/2] table, negligible next to the
-  matmuls) instead of a process-wide cache, so two model sizes can live in one process;
+* RoPE rotations are computed per forward call from the config (a [T, E/2] complex table, negligible
+  next to the matmuls) instead of a process-wide cache, so two model sizes can live in one process;
 * the KV-cache decode path works for any chunk length including 1, at any start position;
 * :meth:`PicoDecoder.lm_loss` never materialises the full fp32 [N, V] logits (see
   :class:`_ChunkedLinearCrossEntropy`).
@@ -333,8 +333,15 @@ class PicoDecoder(nn.Module):
         gradients, in O(chunk x V) memory instead of O(N x V).
         """
         h = self.hidden_states(input_ids).flatten(0, 1)  # [N, D]
+        # Autograd.Function.forward always runs without grad mode, so pass whether the caller has it:
+        # under no_grad (evaluation) the fused gradient work is skipped.
         return _ChunkedLinearCrossEntropy.apply(
-            h, self.de_embedding_proj.weight, labels.flatten(), ignore_index, _LOSS_CHUNK_TOKENS
+            h,
+            self.de_embedding_proj.weight,
+            labels.flatten(),
+            ignore_index,
+            _LOSS_CHUNK_TOKENS,
+            torch.is_grad_enabled(),
         )
 
 
@@ -365,12 +372,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         labels: torch.Tensor,
         ignore_index: int,
         chunk: int,
+        grad_enabled: bool,
     ) -> torch.Tensor:
         device = h.device
         compute_dtype = (
             torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
         )
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         # Autograd runs this forward with autocast still on; cast once here and compute in plain dtypes.
         with torch.autocast(device.type, enabled=False):
             w = weight.to(compute_dtype)
@@ -424,4 +432,4 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = (grad_h * grad_out).to(h_dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_out).to(w_dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None

@@ -1,0 +1,147 @@
+"""Preemption-safe training under submitit (``hydra/launcher=slurm`` or ``submitit_local``).
+
+Who handles which signal in a submitit job, and why Lightning's defaults are wrong there:
+
+* submitit installs ``SIGUSR2`` (``sbatch --signal=USR2@<signal_delay_s>``, sent before the time limit
+  and on preemption): it calls the Hydra launcher's ``checkpoint()``, which re-pickles the same job,
+  runs ``scontrol requeue`` and exits with ``sys.exit(-1)`` from inside the handler, i.e. wherever the
+  training loop happens to be. ``SIGTERM`` (and ``SIGCONT``) it only logs.
+* Lightning 2.6 registers its own ``SIGTERM`` handler when ``fit`` starts (``_SignalConnector``), for
+  every cluster environment: it sets ``trainer.received_sigterm``, and the training loop then raises
+  ``SIGTERMException`` (a ``SystemExit``) at the end of the current batch. SLURM sends ``SIGTERM`` on
+  preemption, ``scancel`` and ``scontrol requeue``, so the job ends without a result while submitit
+  would have kept it going until ``SIGUSR2``. On top, Lightning's ``SLURMEnvironment`` defaults to
+  ``auto_requeue=True``: ``SIGUSR1`` writes an ``hpc_ckpt_*.ckpt`` and runs ``scontrol requeue``
+  itself, a second requeue mechanism next to submitit's.
+
+`submitit_plugins` turns Lightning's requeue off and `PreemptionCheckpoint` takes both signals back
+from Lightning: either signal makes it write ``last.ckpt`` at the next step boundary that ends a logging
+window, training goes on after ``SIGTERM``, and after ``SIGUSR2`` submitit's own handler then requeues.
+The requeued job runs the same pickled call into the same output dir, where ``picomaml.train`` resumes
+from ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+log = logging.getLogger(__name__)
+
+_Handler = Any  # what signal.getsignal returns: a callable, SIG_DFL/SIG_IGN or None
+
+
+def under_submitit() -> bool:
+    """Whether this process runs a submitit job (SLURM or local): submitit's own activation test."""
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+def submitit_plugins() -> list[Any]:
+    """Trainer plugins for a submitit job: on SLURM, the SLURM environment without Lightning's requeue."""
+    if under_submitit() and SLURMEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []
+
+
+def _requeue_signal() -> signal.Signals:
+    import submitit
+
+    # submitit's preemption signal: USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
+    return signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"]
+
+
+class PreemptionCheckpoint(pl.Callback):
+    """Writes ``last_ckpt`` soon after ``SIGTERM`` or submitit's requeue signal, instead of stopping.
+
+    The save waits for the first optimizer step that ends a logging window (at most
+    ``log_every_n_steps`` steps): the module's windowed training means are not part of a checkpoint, so
+    a save in mid-window would make the resumed run log a shorter window than the uninterrupted one.
+    With several ranks, all save at the same step (the first one where any rank got a signal).
+    """
+
+    def __init__(self, last_ckpt: Path) -> None:
+        self.last_ckpt = Path(last_ckpt)
+        self._requeue_sig = _requeue_signal()
+        self._previous: dict[signal.Signals, _Handler] = {}
+        self._save_pending = False
+        self._requeue_pending: signal.Signals | None = None
+        self._installed = False
+        self._last_seen_step = 0
+
+    # Lightning registers its SIGTERM handler after `setup` and before sanity checking / training, so
+    # the handlers to chain to (submitit's) are read in `setup` and ours go in once the loop starts.
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, self._requeue_sig)}
+        self._installed = False
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._install(trainer)
+
+    def _install(self, trainer: pl.Trainer) -> None:
+        self._last_seen_step = trainer.global_step
+        if self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        # Lightning's `teardown` puts back the handlers it found when fit started (submitit's)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(self._requeue_sig, self._on_requeue_signal)
+        self._installed = True
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        log.warning("SIGTERM: saving %s at the next logging step and training on", self.last_ckpt)
+        self._save_pending = True
+        previous = self._previous.get(signal.SIGTERM)
+        if callable(previous):  # submitit's: logs that it bypasses the signal
+            previous(signum, frame)
+
+    def _on_requeue_signal(self, signum: int, frame: FrameType | None) -> None:
+        # submitit's handler exits from wherever it runs; defer it to a step boundary after the save
+        name = signal.Signals(signum).name
+        log.warning("%s: saving %s at the next logging step, then requeueing", name, self.last_ckpt)
+        self._save_pending = True
+        self._requeue_pending = signal.Signals(signum)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Any checkpoint (ours or ModelCheckpoint's) may be the one a requeued job resumes from, and
+        # the resumed run logs only the steps after it: rows the CSV logger still buffers (it writes
+        # every `flush_logs_every_n_steps`, 100 by default) must be on disk before the job is killed.
+        for logger in trainer.loggers:
+            logger.save()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        stepped, self._last_seen_step = step != self._last_seen_step, step
+        # only after a micro-batch that completed an optimizer step which closed a logging window
+        if not stepped or step % max(1, trainer.log_every_n_steps) != 0:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self._save_pending, all=False):
+            return
+        trainer.save_checkpoint(self.last_ckpt)
+        log.warning("saved %s at step %d after a signal", self.last_ckpt, step)
+        self._save_pending = False
+        if self._requeue_pending is not None:
+            signum, self._requeue_pending = self._requeue_pending, None
+            previous = self._previous.get(signum)
+            if callable(previous):  # submitit: re-pickles the job, `scontrol requeue`, sys.exit(-1)
+                previous(signum, None)
+
+
+def preemption_callbacks(output_dir: Path) -> list[pl.Callback]:
+    """``[PreemptionCheckpoint]`` in a submitit job, else nothing (Lightning's defaults stand)."""
+    if not under_submitit():
+        return []
+    return [PreemptionCheckpoint(output_dir / "checkpoints" / "last.ckpt")]

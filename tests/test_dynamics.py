@@ -1,0 +1,193 @@
+"""Learning-dynamics dumps: pico-train's layout, exact contents, and no effect on training.
+
+This module also builds the tiny real runs the evaluate/generate/analyze tests read (:func:`tiny_sweep`),
+once per session: two identical 4-step runs on a small word corpus, run 0 with the callback, run 1
+without, side by side in one sweep directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_from_disk
+
+from picomaml.lit.dynamics import LearningDynamics, checkpoint_steps, match_modules
+from picomaml.model import ModelConfig, PicoDecoder
+from picomaml.train import prepare_run, save_training_config
+from tests.conftest import FAST, compose_train
+
+DYNAMICS_STEPS = [0, 1, 2, 4]  # log-spaced 0, 1 (until 1), then every 2, for max_steps=4
+VAL_ROWS = 4
+
+
+def write_word_corpus(path: Path) -> Path:
+    """300 documents of made-up two-syllable words (144 word types), as JSON lines.
+
+    Enough repeated words that SMLMT finds held-out meta-test classes, small enough to pack instantly.
+    """
+    syllables = ["ka", "lo", "mi", "ren", "tsu", "vax", "dor", "pel", "quin", "zar", "bri", "fen"]
+    words = [a + b for a in syllables for b in syllables]
+    rng = random.Random(0)
+    with open(path, "w") as file:
+        for _ in range(300):
+            text = " ".join(rng.choice(words) for _ in range(24)).capitalize() + "."
+            file.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def tiny_overrides(corpus: Path) -> list[str]:
+    return [
+        *FAST,
+        "data=text",
+        f"data.corpus_options.paths={corpus}",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "data.val_fraction=0.1",
+        "data.val_batches=2",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]
+
+
+def tiny_sweep(root: Path, cache_dir: Path) -> Path:
+    """``<root>/sweep/{0,1}``: the same tiny run with (0) and without (1) :class:`LearningDynamics`.
+
+    Built once: later calls find ``<root>/sweep/done`` and reuse it (a file marker rather than a module
+    global, because pytest imports this file once as a test module and again through the imports of the
+    other test modules).
+    """
+    sweep = root / "sweep"
+    if (sweep / "done").is_file():
+        return sweep
+    corpus = write_word_corpus(root / "words.jsonl")
+    for job, dynamics in (("0", True), ("1", False)):
+        cfg = compose_train(tiny_overrides(corpus), sweep / job, cache_dir)
+        plan = prepare_run(cfg)
+        if dynamics:
+            plan.trainer.callbacks.append(
+                LearningDynamics(every_n_steps=2, log_spaced_until=1, val_batch_size=VAL_ROWS)
+            )
+        plan.output_dir.mkdir(parents=True, exist_ok=True)
+        save_training_config(cfg, plan.output_dir)
+        plan.trainer.fit(plan.module, datamodule=plan.datamodule)
+    (sweep / "done").touch()
+    return sweep
+
+
+@pytest.fixture(scope="session")
+def sweep_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    root = tmp_path_factory.getbasetemp() / "tiny_runs"
+    root.mkdir(exist_ok=True)
+    return tiny_sweep(root, cache_dir)
+
+
+def test_checkpoint_steps_are_log_spaced_then_regular() -> None:
+    assert checkpoint_steps(2500, 1000) == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 2500]
+    assert checkpoint_steps(4, 2, log_spaced_until=1) == DYNAMICS_STEPS
+    assert checkpoint_steps(6, 3) == [0, 1, 2, 3, 4, 6]
+    assert checkpoint_steps(10, 4, log_spaced_until=2) == [0, 1, 2, 4, 8, 10]
+
+
+def test_a_layer_suffix_matching_nothing_is_refused() -> None:
+    model = PicoDecoder(
+        ModelConfig(
+            d_model=16,
+            n_layers=1,
+            attention_n_heads=2,
+            attention_n_kv_heads=1,
+            activation_hidden_dim=32,
+            vocab_size=64,
+            max_seq_len=16,
+        )
+    )
+    with pytest.raises(ValueError, match=r"suffix 'attention.w_9' matches no module.*layers\.0\.attention"):
+        match_modules(model, ["attention.v_proj", "attention.w_9"])
+
+
+def test_files_have_pico_layout_names_and_shapes(sweep_dir: Path) -> None:
+    checkpoints = sweep_dir / "0" / "checkpoints"
+    dumped = sorted(int(p.name.removeprefix("step_")) for p in checkpoints.glob("step_*") if p.is_dir())
+    assert dumped == DYNAMICS_STEPS
+    layers = [
+        f"layers.{i}.{m}" for i in range(2) for m in ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
+    ]
+    # tiny: d_model 48, 2 kv heads x head_dim 8 = 16 value features, ffn 192
+    out_dim = {"attention.v_proj": 16, "attention.o_proj": 48, "swiglu.w_2": 48}
+    in_dim = {"attention.v_proj": 48, "attention.o_proj": 48, "swiglu.w_2": 192}
+    for step in DYNAMICS_STEPS:
+        ld = checkpoints / f"step_{step}" / "learning_dynamics"
+        names = {p.name for p in ld.iterdir()}
+        assert names == {
+            f"{s}_{k}.pt" for s in ("train", "val") for k in ("activations", "weights", "gradients")
+        } | {"train_data"}
+        for split, rows in (("train", 4), ("val", VAL_ROWS)):
+            acts, weights, grads = (
+                torch.load(ld / f"{split}_{k}.pt") for k in ("activations", "weights", "gradients")
+            )
+            assert list(acts) == list(weights) == list(grads) == layers
+            for name in layers:
+                kind = name.split(".", 2)[2]
+                assert acts[name].shape == (rows, out_dim[kind])
+                assert weights[name].shape == grads[name].shape == (out_dim[kind], in_dim[kind])
+        data = load_from_disk(str(ld / "train_data"))
+        assert data.column_names == ["input_ids", "text"] and len(data) == 4
+        assert len(data[0]["input_ids"]) == 33 and data[0]["text"]
+
+
+def test_dumps_hold_the_checkpoint_weights_and_true_gradients(sweep_dir: Path) -> None:
+    """Step 2's dump sees the weights of step_2.ckpt, and its gradients are the LM loss's on its batch."""
+    ld = sweep_dir / "0" / "checkpoints" / "step_2" / "learning_dynamics"
+    checkpoint = torch.load(sweep_dir / "0" / "checkpoints" / "step_2.ckpt", weights_only=False)
+    state = checkpoint["state_dict"]
+    weights = torch.load(ld / "train_weights.pt")
+    for name, weight in weights.items():
+        assert torch.equal(weight, state[f"model.{name}.weight"]), name
+
+    model = PicoDecoder(ModelConfig(**checkpoint["hyper_parameters"]["model_config"]))
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    tokens = torch.tensor(load_from_disk(str(ld / "train_data"))["input_ids"])
+    model.lm_loss(tokens[:, :-1], tokens[:, 1:]).backward()
+    grads = torch.load(ld / "train_gradients.pt")
+    modules = dict(model.named_modules())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, modules[name].weight.grad, rtol=1e-4, atol=1e-7, msg=name)
+    acts = torch.load(ld / "train_activations.pt")
+    captured = {}
+    handle = modules["layers.1.swiglu.w_2"].register_forward_hook(
+        lambda m, a, out: captured.setdefault("o", out)
+    )
+    with torch.no_grad():
+        model(tokens[:, :-1])
+    handle.remove()
+    torch.testing.assert_close(acts["layers.1.swiglu.w_2"], captured["o"][:, -1])
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path / "csv" / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def test_the_callback_does_not_change_training(sweep_dir: Path) -> None:
+    keys = (
+        "step",
+        "train/loss_ar",
+        "train/grad_norm",
+        "train/lr",
+        "train/tokens_seen",
+        "val/loss",
+        "val/ppl",
+    )
+    with_dynamics, without = _rows(sweep_dir / "0"), _rows(sweep_dir / "1")
+    assert len(with_dynamics) == len(without) >= 6
+    for a, b in zip(with_dynamics, without, strict=True):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    final = [torch.load(sweep_dir / job / "checkpoints" / "last.ckpt", weights_only=False) for job in "01"]
+    for name, value in final[0]["state_dict"].items():
+        assert torch.equal(value, final[1]["state_dict"][name]), name

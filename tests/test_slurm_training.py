@@ -1,0 +1,244 @@
+"""`python -m picomaml.train` itself on the local SLURM cluster: a grid sweep as one job array, a training
+job requeued mid-run that ends as if never interrupted, and an optuna study of real trainings that fails
+one trial alone and resumes. Prints the per-trial overheads (submission -> first step, last step ->
+result recorded).
+
+The cluster fixture is tests/test_slurm.py's (starts launchers/slurm_local_cluster.sh when ``sinfo``
+does not answer). Jobs ask for 1 CPU and run one thread each.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from picomaml.sweep.results import SUBMITTED_ATTR
+from tests.test_slurm import (
+    _job_state,
+    _wait_for,
+    slurm_cluster,  # noqa: F401  (the fixture, for usefixtures below)
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+    "hydra.launcher.timeout_min=10",
+]
+# the embedded wiki with a short word buffer: the SMLMT word index builds in well under a second
+META = [
+    "data=wiki",
+    "meta=5way4shot",
+    "meta.buffer_tokens=200000",
+    "meta.window_len=32",
+    "meta.val_episodes=2",
+]
+# few steps; one validation batch
+SHORT = [
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "data.val_batches=1",
+]
+
+
+class StepClock(pl.Callback):
+    """Wall-clock time of the first and last optimizer steps, in ``<output dir>/step_clock.json``.
+
+    Added to the trials with ``+callbacks.step_clock._target_=tests.test_slurm_training.StepClock``.
+    """
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.last = time.time()
+        self.first = self.first or self.last
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        clock = {"first_step": self.first, "last_step": self.last}
+        (Path(trainer.default_root_dir) / "step_clock.json").write_text(json.dumps(clock))
+
+
+def _env(cache_dir: Path) -> dict[str, str]:
+    # sbatch exports the driver's environment to the jobs
+    return {**os.environ, "PICOMAML_CACHE": str(cache_dir), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def _train_cmd(*overrides: str) -> list[str]:
+    # imported here, not at the top: the trials import this module for StepClock, and importing
+    # conftest sets torch's thread count in the importing process
+    from tests.conftest import FAST
+
+    fast = [o for o in FAST if not o.startswith("model=")]
+    return [sys.executable, "-m", "picomaml.train", "-m", "model=tiny", *fast, *SLURM, *overrides]
+
+
+def _run(cmd: list[str], cache_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=REPO, env=_env(cache_dir), capture_output=True, text=True, timeout=timeout)
+
+
+def _result(job_dir: Path) -> dict[str, Any]:
+    return json.loads((job_dir / "result.json").read_text())
+
+
+def _curve(job_dir: Path, key: str) -> dict[int, float]:
+    with open(job_dir / "csv" / "metrics.csv") as file:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(file) if r.get(key)}
+
+
+def _array_ids(sweep_dir: Path) -> set[str]:
+    # submitit keeps one folder per array task: <array job id>_<task id>
+    return {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir() if "_" in p.name}
+
+
+def test_grid_sweep_is_one_job_array(tmp_path: Path, cache_dir: Path) -> None:
+    sweep_dir = tmp_path / "grid"
+    cmd = _train_cmd(
+        *META,
+        *SHORT,
+        "model.n_layers=1,2",
+        "meta.hybrid_ratio=0,0.5",
+        "seed=3",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    proc = _run(cmd, cache_dir, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (array_id,) = _array_ids(sweep_dir)
+    sacct = ["sacct", "-n", "-X", "-j", array_id, "-o", "JobID%30,State"]
+    tasks = sorted(
+        line.split() for line in subprocess.run(sacct, capture_output=True, text=True).stdout.splitlines()
+    )
+    assert tasks == [[f"{array_id}_{i}", "COMPLETED"] for i in range(4)]
+    for i in range(4):
+        assert _result(sweep_dir / str(i))["status"] == "completed"
+        assert _result(sweep_dir / str(i))["global_step"] == 4
+
+    report = _run([sys.executable, "-m", "picomaml.report", str(sweep_dir)], cache_dir, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    with open(sweep_dir / "report.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["job"], r["status"]) for r in rows] == [(str(i), "completed") for i in range(4)]
+    grid = {(r["model.n_layers"], r["meta.hybrid_ratio"]) for r in rows}
+    assert grid == {(n, r) for n in ("1", "2") for r in ("0", "0.5")}
+
+
+def test_requeued_job_resumes_to_the_uninterrupted_result(tmp_path: Path, cache_dir: Path) -> None:
+    """Two identical jobs in one array; the second is requeued (SIGTERM, then SIGKILL) after step 10.
+
+    SIGTERM must not end `fit`: the job writes last.ckpt at the next logging step and trains on until
+    SLURM kills it; the requeued job resumes there and ends with the same steps and the same log.
+    """
+    sweep_dir = tmp_path / "requeue"
+    cmd = _train_cmd(
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=20",
+        "trainer.log_every_n_steps=2",
+        "callbacks.model_checkpoint.every_n_train_steps=10",
+        "tags=[straight],[preempted]",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    driver = subprocess.Popen(
+        cmd, cwd=REPO, env=_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    job_dir = sweep_dir / "1"
+    try:
+        _wait_for((job_dir / "checkpoints" / "step_10.ckpt").exists, 120, "step 10 of the job")
+        (job_id,) = (p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.endswith("_1"))
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        # SLURM holds a requeued job for ~120 s (BeginTime); release it now
+        _wait_for(lambda: _job_state(job_id) == "PENDING", 60, "the job to be requeued")
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        output, _ = driver.communicate(timeout=240)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, output[-4000:]
+
+    log = (job_dir / "train.log").read_text()
+    saved = [line for line in log.splitlines() if "after a signal" in line]
+    assert len(saved) == 1 and "resuming from" in log, log[-3000:]
+    saved_step = int(saved[0].split(" at step ")[1].split()[0])
+    assert saved_step > 10  # fresher than the last routine checkpoint: the SIGTERM save, not step_10
+    straight, preempted = _result(sweep_dir / "0"), _result(job_dir)
+    assert straight["status"] == preempted["status"] == "completed"
+    assert straight["global_step"] == preempted["global_step"] == 40
+    assert straight["tokens_seen"] == preempted["tokens_seen"]
+    for key in ("train/loss_ar", "val/loss"):
+        a, b = _curve(sweep_dir / "0", key), _curve(job_dir, key)
+        assert sorted(a) == sorted(b), key
+        assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, key
+    print(f"requeue: SIGTERM after step 10, last.ckpt saved at step {saved_step}, resumed and finished")
+
+
+def _overheads(study: optuna.Study, sweep_dir: Path) -> list[tuple[int, float, float]]:
+    rows = []
+    for t in study.trials:
+        clock_file = sweep_dir / str(t.number) / "step_clock.json"
+        if t.state == TrialState.COMPLETE and clock_file.exists():
+            clock = json.loads(clock_file.read_text())
+            start = clock["first_step"] - t.user_attrs[SUBMITTED_ATTR]
+            recorded = t.datetime_complete.timestamp() - clock["last_step"]
+            rows.append((t.number, start, recorded))
+            print(
+                f"trial {t.number}: submission -> first step {start:.1f}s, "
+                f"last step -> recorded {recorded:.1f}s"
+            )
+    return rows
+
+
+def test_optuna_study_of_real_trainings(tmp_path: Path, cache_dir: Path) -> None:
+    """4 trials, 2 at a time; trial 0 gets an invalid enqueued value and fails alone. A rerun with
+    n_trials=6 runs trials 4 and 5 only and leaves the dirs of 0-3 as they were."""
+    sweep_dir = tmp_path / "optuna"
+
+    def sweep(n_trials: int) -> None:
+        cmd = _train_cmd(
+            "hparams_search=meta_optuna",
+            *META,
+            *SHORT,
+            "+callbacks.step_clock._target_=tests.test_slurm_training.StepClock",
+            f"hydra.sweep.dir={sweep_dir}",
+            f"hydra.sweeper.n_trials={n_trials}",
+            "hydra.sweeper.parallelism=2",
+            "hydra.sweeper.plots=false",
+            "hydra.sweeper.enqueue=[{meta.hybrid_ratio:1.5}]",
+        )
+        proc = _run(cmd, cache_dir, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def load() -> optuna.Study:
+        return optuna.load_study(study_name="meta_optuna", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+
+    sweep(4)
+    trials = load().trials
+    assert len(trials) == 4
+    assert trials[0].state == TrialState.FAIL and trials[0].params["meta.hybrid_ratio"] == 1.5
+    assert "hybrid_ratio" in _result(sweep_dir / "0")["error"]
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 3
+    assert all(len(t.intermediate_values) == 2 for t in trials[1:])  # validations at steps 2 and 4
+    before = {p: p.read_bytes() for n in range(4) for p in (sweep_dir / str(n)).rglob("*") if p.is_file()}
+
+    sweep(6)
+    trials = load().trials
+    assert len(trials) == 6
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 5
+    assert sorted(int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit()) == list(range(6))
+    assert {p: p.read_bytes() for p in before} == before
+    assert len(_overheads(load(), sweep_dir)) == 5
