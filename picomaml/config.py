@@ -6,8 +6,8 @@ any training starts, so a typo'd key or an out-of-range value fails with one mes
 
 from __future__ import annotations
 
+import hashlib
 import secrets
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,21 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("picomaml.uniq"):
         # 6 hex digits: two sweeps started in the same second still get different directories
         OmegaConf.register_new_resolver("picomaml.uniq", lambda: secrets.token_hex(3), use_cache=True)
-    if not OmegaConf.has_resolver("picomaml.run_dir"):
-        OmegaConf.register_new_resolver("picomaml.run_dir", _run_dir, use_cache=True)
+    if not OmegaConf.has_resolver("picomaml.run_name"):
+        OmegaConf.register_new_resolver("picomaml.run_name", run_dir_name)
 
 
-def _run_dir(run_name: str | None) -> str:
-    if run_name:
-        return f"runs/{run_name}"
-    return datetime.now().strftime("%Y-%m-%d/%H-%M-%S") + f"-{secrets.token_hex(3)}"
+def run_dir_name(run_name: str | None, override_dirname: str) -> str:
+    """The run dir's name: `run_name` if given, else the command's overrides, else `default`.
+
+    Slashes (paths in overrides) become underscores; a name too long for a file system keeps its
+    first 80 characters and a hash of the rest, so distinct commands keep distinct dirs.
+    """
+    name = str(run_name) if run_name else override_dirname or "default"
+    name = name.replace("/", "_")
+    if len(name) > 120:
+        name = f"{name[:80]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
+    return name
 
 
 def group_options(group: str) -> list[str]:

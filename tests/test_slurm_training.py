@@ -110,7 +110,8 @@ def _rows(job_dir: Path, key: str) -> list[tuple[int, float]]:
 
 def _array_ids(sweep_dir: Path) -> set[str]:
     # submitit keeps one folder per array task: <array job id>_<task id>
-    return {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir() if "_" in p.name}
+    tasks = (p.name.split("_") for p in (sweep_dir / ".submitit").iterdir())
+    return {t[0] for t in tasks if len(t) == 2 and t[0].isdigit() and t[1].isdigit()}
 
 
 def test_grid_sweep_is_one_job_array(tmp_path: Path, cache_dir: Path) -> None:
@@ -144,23 +145,44 @@ def test_grid_sweep_is_one_job_array(tmp_path: Path, cache_dir: Path) -> None:
     assert grid == {(n, r) for n in ("1", "2") for r in ("0", "0.5")}
 
 
-def test_requeued_job_resumes_to_the_uninterrupted_result(tmp_path: Path, cache_dir: Path) -> None:
-    """Two identical jobs in one array; the second is requeued (SIGTERM, then SIGKILL) after step 10.
+def _last_step(job_dir: Path) -> int:
+    return max((step for step, _ in _rows(job_dir, "train/loss_ar")), default=0)
 
-    SIGTERM must not end `fit`: the job writes last.ckpt at the next logging step and trains on until
-    SLURM kills it; the requeued job resumes there and ends with the same steps and the same log.
-    The routine checkpoint cadence (100) is beyond the run, so the SIGTERM save is the only checkpoint
-    to resume from (without one, the rerun would refuse the used output dir); metrics.csv is written
-    at every logging step so that the test sees the job's progress.
+
+def _saved_steps(job_dir: Path) -> list[int]:
+    """Steps at which PreemptionCheckpoint saved last.ckpt after a signal, from the job's log."""
+    lines = (job_dir / "train.log").read_text().splitlines()
+    return [int(line.split(" at step ")[1].split()[0]) for line in lines if "after a signal" in line]
+
+
+def _interrupt(job_id: str, command: list[str]) -> None:
+    """Runs `command` against the running job, which must then be requeued; releases it at once
+    (SLURM holds a requeued job for ~120 s, BeginTime)."""
+    subprocess.run(command, check=True)
+    _wait_for(lambda: _job_state(job_id) == "PENDING", 60, f"job {job_id} to be requeued")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
+def test_interrupted_job_resumes_to_the_uninterrupted_result(tmp_path: Path, cache_dir: Path) -> None:
+    """Two identical jobs in one array; the second is interrupted twice and ends as the first does.
+
+    1. After step 4, submitit's signal (USR2, as before a time limit or on preemption): last.ckpt at
+       the next logging step, then submitit requeues the job itself and exits.
+    2. A few steps into the rerun, `scontrol requeue` (what preemption does): SIGTERM must not end
+       `fit`; the job saves last.ckpt at the next logging step and trains on until SLURM kills it
+       (KillWait, 10 s later: the ~70 steps left take longer below ~7 steps/s).
+    The routine checkpoint cadence (100) is beyond the run, so the signal saves are the only
+    checkpoints to resume from (without one, a rerun refuses the used output dir). metrics.csv is
+    written at every logging step so that the test sees the job's progress.
     """
     sweep_dir = tmp_path / "requeue"
     cmd = _train_cmd(
-        "trainer.max_steps=40",
-        "trainer.val_check_interval=20",
+        "trainer.max_steps=80",
+        "trainer.val_check_interval=40",
         "trainer.log_every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=100",
         "++logger.csv.flush_logs_every_n_steps=1",
-        "tags=[straight],[preempted]",
+        "tags=[straight],[interrupted]",
         f"hydra.sweep.dir={sweep_dir}",
     )
     driver = subprocess.Popen(
@@ -168,34 +190,32 @@ def test_requeued_job_resumes_to_the_uninterrupted_result(tmp_path: Path, cache_
     )
     job_dir = sweep_dir / "1"
     try:
-        _wait_for(
-            lambda: max((s for s, _ in _rows(job_dir, "train/loss_ar")), default=0) >= 10,
-            120,
-            "step 10 of the job",
-        )
+        _wait_for(lambda: _last_step(job_dir) >= 4, 120, "step 4 of the job")
         (job_id,) = (p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.endswith("_1"))
-        subprocess.run(["scontrol", "requeue", job_id], check=True)
-        # SLURM holds a requeued job for ~120 s (BeginTime); release it now
-        _wait_for(lambda: _job_state(job_id) == "PENDING", 60, "the job to be requeued")
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        _interrupt(job_id, ["scancel", "--signal=USR2", job_id])
+        # the first run stopped right after its save: later steps can only come from the rerun
+        (first_save,) = _saved_steps(job_dir)
+        _wait_for(lambda: _last_step(job_dir) >= first_save + 4, 120, "the rerun to train")
+        _interrupt(job_id, ["scontrol", "requeue", job_id])
         output, _ = driver.communicate(timeout=240)
     finally:
         driver.kill()
     assert driver.returncode == 0, output[-4000:]
 
     log = (job_dir / "train.log").read_text()
-    saved = [line for line in log.splitlines() if "after a signal" in line]
-    assert len(saved) == 1 and "resuming from" in log, log[-3000:]
-    saved_step = int(saved[0].split(" at step ")[1].split()[0])
-    straight, preempted = _result(sweep_dir / "0"), _result(job_dir)
-    assert straight["status"] == preempted["status"] == "completed"
-    assert straight["global_step"] == preempted["global_step"] == 40
-    assert straight["tokens_seen"] == preempted["tokens_seen"]
+    saves = _saved_steps(job_dir)
+    assert len(saves) == 2 and log.count("resuming from") == 2, log[-3000:]
+    # only the last run ended by itself: the one after SIGTERM was killed mid-run, as intended
+    assert log.count("Job completed successfully") == 1, "the job finished within SLURM's KillWait"
+    straight, interrupted = _result(sweep_dir / "0"), _result(job_dir)
+    assert straight["status"] == interrupted["status"] == "completed"
+    assert straight["global_step"] == interrupted["global_step"] == 80
+    assert straight["tokens_seen"] == interrupted["tokens_seen"]
     for key in ("train/loss_ar", "val/loss"):
         a, b = _rows(sweep_dir / "0", key), _rows(job_dir, key)
         assert [s for s, _ in a] == [s for s, _ in b], key  # the same steps, none twice
         assert max(abs(x - y) for (_, x), (_, y) in zip(a, b, strict=True)) <= 1e-6, key
-    print(f"requeue: SIGTERM after step 10, last.ckpt saved at step {saved_step}, resumed to step 40")
+    print(f"interrupted job: last.ckpt saved at steps {saves} (USR2, SIGTERM), resumed twice to step 80")
 
 
 def _overheads(study: optuna.Study, sweep_dir: Path) -> list[tuple[int, float, float]]:

@@ -150,3 +150,27 @@ def test_cli_reports_a_config_error_in_one_line(tmp_path: Path, cache_dir: Path)
         "picomaml: config error: data.seq_len=4096 exceeds model.max_seq_len=256; use data.seq_len <= 256"
     )
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_cli_rerun_of_the_same_command_resumes(tmp_path: Path, cache_dir: Path) -> None:
+    env = {**os.environ, "PICOMAML_CACHE": str(cache_dir), "PICOMAML_ROOT": str(tmp_path)}
+    overrides = [o for o in FAST if "enable_" not in o]
+    cmd = [
+        sys.executable,
+        "-m",
+        "picomaml.train",
+        *overrides,
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+    ]
+    first = subprocess.run([*cmd, "trainer.max_steps=3"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    # the same command with a longer schedule continues the same run from its last.ckpt
+    second = subprocess.run([*cmd, "trainer.max_steps=5"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from {run_dir}/checkpoints/last.ckpt" in second.stdout
+    assert json.loads((run_dir / "result.json").read_text())["global_step"] == 5
+    steps = [int(r["step"]) for r in read_metrics(run_dir) if r.get("train/loss_ar")]
+    assert steps == sorted(set(steps))  # one history, no step logged twice

@@ -360,7 +360,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     (accumulated in fp32). Only that one vocabulary-sized block ever exists, the logits are never
     recomputed, and the backward pass just scales the stored gradients by grad_output.
     Why in place: fresh large allocations cost page faults (on CPU about as much as the exp), and
-    every extra pass over the block costs as much as a fifth of the exp.
+    every extra pass over the block costs about a quarter of the exp.
     Not twice differentiable (the meta-learning objective does not differentiate through it).
     """
 
