@@ -168,7 +168,14 @@ def bench_train(argv: list[str]) -> dict[str, object]:
     return result
 
 
-COMMANDS: dict[str, Callable[[list[str]], dict[str, object]]] = {"train": bench_train}
+def bench_meta(argv: list[str]) -> dict[str, object]:
+    """``meta``: a MAML step against an AR step at equal backbone tokens (see :mod:`picomaml.bench_meta`)."""
+    from picomaml.bench_meta import bench_meta as run
+
+    return run(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], dict[str, object]]] = {"train": bench_train, "meta": bench_meta}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,3 +39,17 @@ def test_bench_rejects_bad_arguments() -> None:
         main(["train", "batchsize=3"])
     with pytest.raises(SystemExit, match="fp32, bf16"):
         main(["train", "model=tiny", "precision=fp16"])
+
+
+def test_bench_meta_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "meta.json"
+    main(["meta", "model=tiny", "n_way=3", "k_shot=2", "q_query=2", "tasks=1", "window_len=16"]
+         + ["inner_steps=2", "steps=1", "warmup=1", "threads=1", f"out={out}"])  # fmt: skip
+    r = json.loads(out.read_text())
+    assert r["backbone_tokens_per_step"] == 1 * 3 * (2 + 2) * 16
+    for order in ("second", "first"):
+        timing = r[order]
+        assert timing["meta_over_ar"] == pytest.approx(timing["meta_step_s"] / timing["ar_step_s"])
+        assert (
+            0 < timing["inner_loop_fraction"] == pytest.approx(timing["inner_loop_s"] / timing["meta_step_s"])
+        )

@@ -14,7 +14,10 @@ from picomaml.lit.optim import OptimConfig, lr_multiplier
 from picomaml.train import prepare_run
 from tests.conftest import FAST, compose_train
 
-GROUPS = ["data", "model", "meta", "optim", "trainer", "callbacks", "logger", "debug", "experiment", "hparams_search"]
+GROUPS = [
+    *("data", "model", "meta", "optim", "trainer", "callbacks", "logger", "debug"),
+    *("experiment", "hparams_search"),
+]
 
 
 @pytest.mark.parametrize(

@@ -2,23 +2,24 @@
 
 Who handles which signal in a submitit job, and why Lightning's defaults are wrong there:
 
-* submitit installs ``SIGUSR2`` (``sbatch --signal=USR2@<signal_delay_s>``, sent before the time limit
-  and on preemption): it calls the Hydra launcher's ``checkpoint()``, which re-pickles the same job,
-  runs ``scontrol requeue`` and exits with ``sys.exit(-1)`` from inside the handler, i.e. wherever the
-  training loop happens to be. ``SIGTERM`` (and ``SIGCONT``) it only logs.
+* submitit handles ``SIGUSR2`` (``sbatch --signal=USR2@<signal_delay_s>``: sent that long before the
+  time limit, and on clusters that signal preemption with it): it calls the Hydra launcher's
+  ``checkpoint()``, which re-pickles the same job, runs ``scontrol requeue`` and exits with
+  ``sys.exit(-1)`` from inside the handler, i.e. wherever the training loop happens to be. ``SIGTERM``
+  (and ``SIGCONT``) it only logs.
 * Lightning 2.6 registers its own ``SIGTERM`` handler when ``fit`` starts (``_SignalConnector``), for
   every cluster environment: it sets ``trainer.received_sigterm``, and the training loop then raises
-  ``SIGTERMException`` (a ``SystemExit``) at the end of the current batch. SLURM sends ``SIGTERM`` on
-  preemption, ``scancel`` and ``scontrol requeue``, so the job ends without a result while submitit
-  would have kept it going until ``SIGUSR2``. On top, Lightning's ``SLURMEnvironment`` defaults to
-  ``auto_requeue=True``: ``SIGUSR1`` writes an ``hpc_ckpt_*.ckpt`` and runs ``scontrol requeue``
-  itself, a second requeue mechanism next to submitit's.
+  ``SIGTERMException`` (a ``SystemExit``) at the end of the current batch. SLURM sends ``SIGTERM`` (then
+  ``SIGKILL`` after ``KillWait``) on preemption, ``scancel`` and ``scontrol requeue``, so the job ends
+  without a result where it should have trained on until ``SIGUSR2`` or the kill. On top, Lightning's
+  ``SLURMEnvironment`` defaults to ``auto_requeue=True``: ``SIGUSR1`` writes an ``hpc_ckpt_*.ckpt`` and
+  runs ``scontrol requeue`` itself, a second requeue mechanism next to submitit's.
 
 `submitit_plugins` turns Lightning's requeue off and `PreemptionCheckpoint` takes both signals back
 from Lightning: either signal makes it write ``last.ckpt`` at the next step boundary that ends a logging
-window, training goes on after ``SIGTERM``, and after ``SIGUSR2`` submitit's own handler then requeues.
-The requeued job runs the same pickled call into the same output dir, where ``picomaml.train`` resumes
-from ``last.ckpt``.
+window; training goes on after ``SIGTERM``, and after ``SIGUSR2`` submitit's own handler then requeues.
+A requeued job (by submitit or by SLURM) runs the same pickled call into the same output dir, where
+``picomaml.train`` resumes from ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class PreemptionCheckpoint(pl.Callback):
     ``log_every_n_steps`` steps): the module's windowed training means are not part of a checkpoint, so
     a save in mid-window would make the resumed run log a shorter window than the uninterrupted one.
     With several ranks, all save at the same step (the first one where any rank got a signal).
+    A signal after the last training step changes nothing: the job finishes instead of requeueing.
     """
 
     def __init__(self, last_ckpt: Path) -> None:
