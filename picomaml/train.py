@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,7 @@ def prepare_run(cfg: DictConfig) -> RunPlan:
         except ValueError as err:
             raise ConfigError(str(err)) from err
     module = PicoLitModule(model_config, optim, seq_len=cfg.data.seq_len, meta=meta, seed=cfg.seed)
-    module.validation_listeners.append(_pruning_listener(cfg))
+    module.validation_listeners.append(PruningListener(cfg))
     trainer = build_trainer(cfg, optim, output_dir, resume_from)
     return RunPlan(output_dir, module, datamodule, trainer, resume_from)
 
@@ -176,19 +175,29 @@ def _instantiate_group(cfg: DictConfig, key: str, output_dir: Path | None = None
             raise ConfigError(f"{key}.{name}: {err}") from err
 
 
-def _pruning_listener(cfg: DictConfig) -> Callable[[int, dict[str, float]], None]:
+class PruningListener:
     """Reports each validation's `optimized_metric` to the optuna trial this job runs (if any) and
-    stops training when the study's pruner says so; outside an optuna sweep it does nothing."""
-    reporter = trial_reporter(cfg)
+    stops training when the study's pruner says so; outside an optuna sweep it does nothing.
 
-    def listen(step: int, metrics: dict[str, float]) -> None:
-        if not reporter.active or cfg.optimized_metric not in metrics:
+    A class rather than a closure so that it pickles into `ddp_spawn` worker processes; the reporter
+    (a storage connection) is opened lazily in the process that uses it.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self._reporter: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cfg": self.cfg, "_reporter": None}
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        if self._reporter is None:
+            self._reporter = trial_reporter(self.cfg)
+        if not self._reporter.active or self.cfg.optimized_metric not in metrics:
             return
-        reporter.report(step, metrics[cfg.optimized_metric])
-        if reporter.should_prune():
+        self._reporter.report(step, metrics[self.cfg.optimized_metric])
+        if self._reporter.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}")
-
-    return listen
 
 
 def _checkpoint_step(path: Path) -> int:

@@ -125,3 +125,16 @@ def test_lr_schedule_warmup_then_linear_decay_to_zero() -> None:
     assert lr_multiplier(100, cfg, 100) == pytest.approx(0.0)
     cosine = OptimConfig(warmup_steps=0, decay="cosine", min_lr_ratio=0.1)
     assert lr_multiplier(50, cosine, 100) == pytest.approx(0.55)
+
+
+def test_fsdp_strategy_wraps_decoder_blocks(tmp_path: Path, cache_dir: Path) -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from picomaml.model.pico_decoder import PicoDecoderBlock
+
+    cfg = compose_train(["trainer=fsdp"], tmp_path, cache_dir)
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"].__dict__.get("_module_classes", {PicoDecoderBlock}) == {
+        PicoDecoderBlock
+    }

@@ -102,6 +102,8 @@ def test_ar_steps_leave_the_meta_head_untouched(tmp_path: Path, cache_dir: Path)
     after = plan.module.meta_head.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert plan.module.ar_steps == 2 and plan.module.meta_steps == 0
+    # learning dynamics find the AR batch inside hybrid items too
+    assert (tmp_path / "checkpoints" / "step_2" / "learning_dynamics" / "train_activations.pt").is_file()
 
 
 @pytest.mark.slow
@@ -134,3 +136,23 @@ def test_short_hybrid_run_on_the_embedded_corpus_learns(tmp_path: Path, cache_di
     ci = float(rows[-1]["meta_test/query_acc_ci95"])
     assert result["status"] == "completed"
     assert final - ci > 0.2 + 0.05, (final, ci)
+
+
+@pytest.mark.slow
+def test_hybrid_training_runs_under_ddp_on_two_cpu_processes(tmp_path: Path, cache_dir: Path) -> None:
+    """DDP (gloo, 2 spawned processes): hybrid steps with unused parameters on each kind of step."""
+    result = train(
+        compose_train(
+            [
+                *META,
+                "trainer=ddp_sim",
+                "meta.hybrid_ratio=0.5",
+                "trainer.max_steps=4",
+                "trainer.val_check_interval=4",
+            ],
+            tmp_path,
+            cache_dir,
+        )
+    )
+    assert result["status"] == "completed"
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

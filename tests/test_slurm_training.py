@@ -1,7 +1,7 @@
 """`python -m picomaml.train` itself on the local SLURM cluster: a grid sweep as one job array, a training
-job requeued mid-run that ends as if never interrupted, and an optuna study of real trainings that fails
-one trial alone and resumes. Prints the per-trial overheads (submission -> first step, last step ->
-result recorded).
+job interrupted twice (submitit's USR2, `scontrol requeue`) that ends as if never interrupted, and an
+optuna study of real trainings that fails one trial alone and resumes. Prints the per-trial overheads
+(submission -> first step, last step -> result recorded).
 
 The cluster fixture is tests/test_slurm.py's (starts launchers/slurm_local_cluster.sh when ``sinfo``
 does not answer). Jobs ask for 1 CPU and run one thread each.
@@ -115,6 +115,7 @@ def _array_ids(sweep_dir: Path) -> set[str]:
 
 
 def test_grid_sweep_is_one_job_array(tmp_path: Path, cache_dir: Path) -> None:
+    """A 2 x 2 grid of hybrid AR + meta runs: one SLURM array of 4 tasks, all finished in the report."""
     sweep_dir = tmp_path / "grid"
     cmd = _train_cmd(
         *META,

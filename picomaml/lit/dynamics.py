@@ -185,8 +185,9 @@ class LearningDynamics(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if isinstance(batch, dict) and "tokens" in batch:
-            self._last_tokens = batch["tokens"]
+        ar = batch.get("ar", batch) if isinstance(batch, dict) else None  # hybrid items nest the AR batch
+        if isinstance(ar, dict) and "tokens" in ar:
+            self._last_tokens = ar["tokens"]
         if trainer.global_step == 0 and self._last_dumped < 0 and 0 in self._schedule:
             self._dump(0, trainer, pl_module)
 
