@@ -22,6 +22,8 @@ import hydra
 import lightning.pytorch as pl
 import optuna
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from picomaml.config import (
@@ -266,6 +268,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)["metric"]
     except ConfigError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # sweepers record the job's exception as that trial's failure, and go on
         # one line naming the key, not a traceback: nothing has been trained or overwritten yet
         raise SystemExit(f"picomaml: config error: {err}") from err
 

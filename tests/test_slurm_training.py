@@ -77,6 +77,20 @@ class StepClock(pl.Callback):
         (Path(trainer.default_root_dir) / "step_clock.json").write_text(json.dumps(clock))
 
 
+class Pace(pl.Callback):
+    """Sleeps after every training batch, so that a tiny job outlives SLURM's KillWait (10 s) after
+    SIGTERM however fast the machine is (at 7 steps/s it would finish 70 steps before the kill).
+
+    Added with ``+callbacks.pace._target_=tests.test_slurm_training.Pace +callbacks.pace.sleep_s=...``.
+    """
+
+    def __init__(self, sleep_s: float) -> None:
+        self.sleep_s = sleep_s
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        time.sleep(self.sleep_s)
+
+
 def _env(cache_dir: Path) -> dict[str, str]:
     # sbatch exports the driver's environment to the jobs
     return {**os.environ, "PICOMAML_CACHE": str(cache_dir), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -129,10 +143,14 @@ def test_grid_sweep_is_one_job_array(tmp_path: Path, cache_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     (array_id,) = _array_ids(sweep_dir)
     sacct = ["sacct", "-n", "-X", "-j", array_id, "-o", "JobID%30,State"]
-    tasks = sorted(
-        line.split() for line in subprocess.run(sacct, capture_output=True, text=True).stdout.splitlines()
-    )
-    assert tasks == [[f"{array_id}_{i}", "COMPLETED"] for i in range(4)]
+
+    def tasks() -> list[list[str]]:
+        out = subprocess.run(sacct, capture_output=True, text=True).stdout
+        return sorted(line.split() for line in out.splitlines())
+
+    # the driver goes by submitit's result files; accounting can lag a few seconds behind them
+    expected = [[f"{array_id}_{i}", "COMPLETED"] for i in range(4)]
+    _wait_for(lambda: tasks() == expected, 30, f"sacct to show {expected}")
     for i in range(4):
         assert _result(sweep_dir / str(i))["status"] == "completed"
         assert _result(sweep_dir / str(i))["global_step"] == 4
@@ -165,13 +183,14 @@ def _interrupt(job_id: str, command: list[str]) -> None:
 
 
 def test_interrupted_job_resumes_to_the_uninterrupted_result(tmp_path: Path, cache_dir: Path) -> None:
-    """Two identical jobs in one array; the second is interrupted twice and ends as the first does.
+    """Two jobs in one array that train identically (the second only sleeps 0.2 s after each step, see
+    Pace); the second is interrupted twice and ends as the first does.
 
     1. After step 4, submitit's signal (USR2, as before a time limit or on preemption): last.ckpt at
        the next logging step, then submitit requeues the job itself and exits.
     2. A few steps into the rerun, `scontrol requeue` (what preemption does): SIGTERM must not end
        `fit`; the job saves last.ckpt at the next logging step and trains on until SLURM kills it
-       (KillWait, 10 s later: the ~70 steps left take longer below ~7 steps/s).
+       (KillWait, 10 s later; the ~70 steps left take at least 14 s).
     The routine checkpoint cadence (100) is beyond the run, so the signal saves are the only
     checkpoints to resume from (without one, a rerun refuses the used output dir). metrics.csv is
     written at every logging step so that the test sees the job's progress.
@@ -183,7 +202,8 @@ def test_interrupted_job_resumes_to_the_uninterrupted_result(tmp_path: Path, cac
         "trainer.log_every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=100",
         "++logger.csv.flush_logs_every_n_steps=1",
-        "tags=[straight],[interrupted]",
+        "+callbacks.pace._target_=tests.test_slurm_training.Pace",
+        "+callbacks.pace.sleep_s=0,0.2",
         f"hydra.sweep.dir={sweep_dir}",
     )
     driver = subprocess.Popen(

@@ -259,6 +259,10 @@ class PicoLitModule(pl.LightningModule):
     # --- checkpoint state beyond weights and optimizer ----------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Loggers buffer rows (CSV: 100 at a time); write them with every checkpoint so that a run
+        # killed after this save and resumed from it has no hole in its logged history.
+        for logger in self.loggers:
+            logger.save()
         checkpoint["picomaml"] = {
             "tokens_seen": self.tokens_seen,
             "meta_steps": self.meta_steps,

@@ -113,15 +113,6 @@ class PreemptionCheckpoint(pl.Callback):
         self._save_pending = True
         self._requeue_pending = signal.Signals(signum)
 
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # Any checkpoint (ours or ModelCheckpoint's) may be the one a requeued job resumes from, and
-        # the resumed run logs only the steps after it: rows the CSV logger still buffers (it writes
-        # every `flush_logs_every_n_steps`, 100 by default) must be on disk before the job is killed.
-        for logger in trainer.loggers:
-            logger.save()
-
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
