@@ -59,7 +59,7 @@ def _bench_order(
 ) -> dict[str, float]:
     head = MetaHead(model.config.d_model, cfg).to(device)
     params = [*model.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01, fused=True)
     rows = torch.cat([batch["support_tokens"].flatten(0, 1), batch["query_tokens"].flatten(0, 1)])
     ar_tokens = torch.cat([rows, rows[:, :1]], dim=1)  # [rows, L + 1]: the meta step's rows and length
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from picomaml.data.tokenizer import TOKENIZER_NAMES, load_tokenizer
 from picomaml.model import ModelConfig, PicoDecoder, load_model_config
 
 # pico name (per layer, after "layers.{i}.") -> Llama name (after "model.layers.{i}.")
@@ -188,11 +189,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="Lightning .ckpt or a state_dict .pt")
     parser.add_argument("out_dir")
     parser.add_argument("--preset", help="model preset (conf/model/<name>.yaml) when the file has no config")
-    parser.add_argument("--tokenizer", help="a tokenizer directory to save alongside (AutoTokenizer)")
+    parser.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        help="tokenizer saved alongside: a picomaml name (gpt2, olmo), a tokenizer directory, or 'none'",
+    )
     args = parser.parse_args(argv)
 
     tokenizer = None
-    if args.tokenizer:
+    if args.tokenizer in TOKENIZER_NAMES:
+        tokenizer = load_tokenizer(args.tokenizer)
+    elif args.tokenizer != "none":
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
