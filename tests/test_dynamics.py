@@ -53,6 +53,7 @@ def tiny_overrides(corpus: Path) -> list[str]:
         "trainer.val_check_interval=2",
         "trainer.log_every_n_steps=1",
         "callbacks.model_checkpoint.every_n_train_steps=2",
+        "~callbacks.learning_dynamics",  # the runs below add their own, or none
     ]
 
 
