@@ -78,8 +78,7 @@ def prepare_run(cfg: DictConfig) -> RunPlan:
         )
 
     resume_from = find_resume_checkpoint(cfg, output_dir)
-    if resume_from is not None:
-        check_checkpoint_architecture(resume_from, model_config)
+    resume_step = None if resume_from is None else check_checkpoint_architecture(resume_from, model_config)
 
     if meta.enabled:
         try:
@@ -88,7 +87,7 @@ def prepare_run(cfg: DictConfig) -> RunPlan:
             raise ConfigError(str(err)) from err
     module = PicoLitModule(model_config, optim, seq_len=cfg.data.seq_len, meta=meta, seed=cfg.seed)
     module.validation_listeners.append(PruningListener(cfg))
-    trainer = build_trainer(cfg, optim, output_dir, resume_from)
+    trainer = build_trainer(cfg, optim, output_dir, resume_step)
     return RunPlan(output_dir, module, datamodule, trainer, resume_from)
 
 
@@ -116,8 +115,11 @@ def find_resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
     return None
 
 
-def check_checkpoint_architecture(path: Path, model_config: ModelConfig) -> None:
-    """Refuse a checkpoint of another architecture with the differing keys, not a state_dict dump."""
+def check_checkpoint_architecture(path: Path, model_config: ModelConfig) -> int:
+    """Refuse a checkpoint of another architecture with the differing keys, not a state_dict dump.
+
+    Returns the checkpoint's global step (read here so the file is opened once).
+    """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:
@@ -132,10 +134,11 @@ def check_checkpoint_architecture(path: Path, model_config: ModelConfig) -> None
     if diff:
         lines = ", ".join(f"model.{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
         raise ConfigError(f"checkpoint {path} is from a different architecture ({lines})")
+    return int(checkpoint["global_step"])
 
 
 def build_trainer(
-    cfg: DictConfig, optim: OptimConfig, output_dir: Path, resume_from: Path | None
+    cfg: DictConfig, optim: OptimConfig, output_dir: Path, resume_step: int | None
 ) -> pl.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = resolve_precision(
@@ -148,8 +151,8 @@ def build_trainer(
     callbacks = [*_instantiate_group(cfg, "callbacks"), *preemption_callbacks(output_dir)]
     loggers = list(_instantiate_group(cfg, "logger", output_dir=output_dir))
     for logger in loggers:
-        if isinstance(logger, ResumableCSVLogger) and resume_from is not None:
-            logger.resume_step = _checkpoint_step(resume_from)
+        if isinstance(logger, ResumableCSVLogger):
+            logger.resume_step = resume_step
     try:
         return hydra.utils.instantiate(
             trainer_cfg,
@@ -200,10 +203,6 @@ class PruningListener:
         self._reporter.report(step, metrics[self.cfg.optimized_metric])
         if self._reporter.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step}")
-
-
-def _checkpoint_step(path: Path) -> int:
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
