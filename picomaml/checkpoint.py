@@ -5,10 +5,13 @@ A run directory (what ``python -m picomaml.train`` writes)::
     <run>/training_config.yaml              the full resolved Hydra config (data, model, meta, ...)
     <run>/csv/metrics.csv                   Lightning CSV metrics
     <run>/checkpoints/last.ckpt             Lightning checkpoint after the last save
-    <run>/checkpoints/step_<N>.ckpt         checkpoints at the cadence
+    <run>/checkpoints/latest -> step_<N>    the newest step directory
+    <run>/checkpoints/step_<N>/checkpoint.ckpt          the Lightning checkpoint of step N
+    <run>/checkpoints/step_<N>/{config.json,model.safetensors,...}   its LlamaForCausalLM export
     <run>/checkpoints/step_<N>/learning_dynamics/...   pico-train's learning-dynamics dumps
 
-:func:`load_run` accepts any of ``<run>``, a ``.ckpt`` file, or a ``checkpoints/step_<N>`` directory and
+(see ``picomaml.lit.checkpointing``). :func:`load_run` accepts any of ``<run>``, a ``.ckpt`` file, or a
+``checkpoints/step_<N>`` (or ``checkpoints/latest``) directory and
 rebuilds the backbone (and the meta head of a meta run) from the checkpoint's ``state_dict``
 (backbone under ``model.``, head under ``meta_head.``) and ``hyper_parameters`` (``model_config``,
 ``meta_config``). The evaluate/generate/analyze CLIs all start here, and share
@@ -29,11 +32,12 @@ from typing import Any, TypeVar
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from picomaml.lit.checkpointing import CHECKPOINT_FILE, LAST_FILE, LATEST_LINK
 from picomaml.meta import MetaConfig, MetaHead
 from picomaml.model import ModelConfig, PicoDecoder
 
 TRAINING_CONFIG = "training_config.yaml"
-_STEP_FILE = re.compile(r"^step_(\d+)\.ckpt$")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 class RunError(ValueError):
@@ -70,52 +74,58 @@ class LoadedRun:
 
 
 def checkpoint_steps_available(run_dir: Path) -> list[int]:
-    """Steps N with a ``checkpoints/step_<N>.ckpt`` file, sorted."""
+    """Steps N with a ``checkpoints/step_<N>/checkpoint.ckpt``, sorted."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
         return []
-    steps = (_STEP_FILE.match(p.name) for p in ckpt_dir.iterdir())
+    steps = (_STEP_DIR.match(p.name) for p in ckpt_dir.iterdir() if (p / CHECKPOINT_FILE).is_file())
     return sorted(int(m.group(1)) for m in steps if m)
 
 
 def resolve_checkpoint(path: str | Path, step: int | None = None) -> tuple[Path, Path]:
     """``(run_dir, checkpoint file)`` for a run dir, a ``.ckpt`` file or a ``checkpoints/step_<N>`` dir.
 
-    ``step`` picks ``step_<N>.ckpt`` of a run dir (default: ``last.ckpt``). Raises
+    ``step`` picks step N of a run dir (default: ``last.ckpt``, else the newest step). Raises
     :class:`RunError` (or FileNotFoundError for a missing path) with what is wrong and what exists.
     """
     path = Path(path).expanduser()
-    # checkpoints/step_<N> names a step whether or not learning dynamics created that directory
-    names_step = re.fullmatch(r"step_(\d+)", path.name) is not None and path.parent.name == "checkpoints"
+    # checkpoints/step_<N> names a step whether or not that step was saved
+    in_checkpoints = path.parent.name == "checkpoints"
+    names_step = _STEP_DIR.match(path.name) is not None and in_checkpoints
     if not path.exists() and not (names_step and path.parent.is_dir()):
         raise FileNotFoundError(f"{path}: no such file or directory")
+    checkpoint = None
     if path.is_file():
         if path.suffix != ".ckpt":
             raise RunError(f"{path} is not a picomaml run: expected a run directory or a .ckpt file")
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         checkpoint = path
+        # <run>/checkpoints/last.ckpt or <run>/checkpoints/step_<N>/checkpoint.ckpt
+        parent = path.parent.parent if path.parent.parent.name == "checkpoints" else path.parent
+        run_dir = parent.parent if parent.name == "checkpoints" else parent
+    elif names_step or (path.name == LATEST_LINK and in_checkpoints):
+        run_dir, checkpoint = path.parent.parent, path / CHECKPOINT_FILE
+        if step is not None:
+            raise RunError(f"{path} is one step's directory; give the run dir to pick step={step}")
     else:
-        if names_step:
-            run_dir, step = path.parent.parent, int(path.name.removeprefix("step_"))
-        else:
-            run_dir = path.parent if path.name == "checkpoints" else path
-        checkpoint = None
+        run_dir = path.parent if path.name == "checkpoints" else path
     if not (run_dir / TRAINING_CONFIG).is_file():
         raise RunError(f"{run_dir} is not a picomaml run (no {TRAINING_CONFIG})")
+    available = checkpoint_steps_available(run_dir)
+    listed = ", ".join(map(str, available)) or "none"
     if checkpoint is None:
         ckpt_dir = run_dir / "checkpoints"
-        available = checkpoint_steps_available(run_dir)
         if step is None:
-            checkpoint = ckpt_dir / "last.ckpt"
+            checkpoint = ckpt_dir / LAST_FILE
             if not checkpoint.is_file():
                 if not available:
                     raise RunError(f"{run_dir} is not a picomaml run (no checkpoint in {ckpt_dir})")
-                checkpoint = ckpt_dir / f"step_{available[-1]}.ckpt"
+                checkpoint = ckpt_dir / f"step_{available[-1]}" / CHECKPOINT_FILE
         else:
-            checkpoint = ckpt_dir / f"step_{step}.ckpt"
-            if not checkpoint.is_file():
-                listed = ", ".join(map(str, available)) or "none"
-                raise RunError(f"no checkpoint at step {step} in {run_dir} (available: {listed})")
+            checkpoint = ckpt_dir / f"step_{step}" / CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        at_step = _STEP_DIR.match(checkpoint.parent.name)
+        where = f"step {at_step.group(1)}" if at_step else str(checkpoint)
+        raise RunError(f"no checkpoint at {where} in {run_dir} (available: {listed})")
     return run_dir, checkpoint
 
 

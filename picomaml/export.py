@@ -59,15 +59,19 @@ def _rope_rows(weight: torch.Tensor, head_dim: int, to_half: bool) -> torch.Tens
 
 def to_llama_state_dict(model: PicoDecoder) -> dict[str, torch.Tensor]:
     """pico state_dict -> ``LlamaForCausalLM`` state_dict (q/k rows permuted for half-rotation RoPE)."""
-    head_dim = model.config.head_dim
+    return llama_state_dict(model.state_dict(), model.config)
+
+
+def llama_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A pico-decoder ``state_dict`` (pico's names, no prefix) under ``LlamaForCausalLM``'s names."""
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         if name in _GLOBAL_NAMES:
             out[_GLOBAL_NAMES[name]] = tensor.detach().contiguous()
             continue
         _, idx, rest = name.split(".", 2)
         if rest in ("attention.q_proj.weight", "attention.k_proj.weight"):
-            tensor = _rope_rows(tensor, head_dim, to_half=True)
+            tensor = _rope_rows(tensor, config.head_dim, to_half=True)
         out[f"model.layers.{idx}.{_LAYER_NAMES[rest]}"] = tensor.detach().contiguous()
     return out
 
@@ -112,14 +116,19 @@ def export_to_hf(model: PicoDecoder, out_dir: str | Path, tokenizer=None) -> Pat
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` then loads it without ``trust_remote_code``.
     Weights keep the model's dtype.
     """
+    return export_state_to_hf(model.state_dict(), model.config, out_dir, tokenizer)
+
+
+def export_state_to_hf(
+    state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path, tokenizer=None
+) -> Path:
+    """:func:`export_to_hf` from a pico-decoder ``state_dict`` (e.g. a checkpoint's, without a model)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = model.embedding_proj.weight.dtype
-    state = {k: v.cpu() for k, v in to_llama_state_dict(model).items()}
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(
-        json.dumps(llama_config(model.config, dtype, tokenizer), indent=2) + "\n"
-    )
+    dtype = state["embedding_proj.weight"].dtype
+    weights = {k: v.cpu() for k, v in llama_state_dict(state, config).items()}
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(llama_config(config, dtype, tokenizer), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out

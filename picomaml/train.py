@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from picomaml.config import (
     resolve_precision,
 )
 from picomaml.lit.checkpoint_io import AtomicCheckpointIO
+from picomaml.lit.checkpointing import CHECKPOINT_FILE, LAST_FILE, StepCheckpoints
 from picomaml.lit.loggers import ResumableCSVLogger
 from picomaml.lit.module import PicoLitModule
 from picomaml.lit.optim import OptimConfig
@@ -99,11 +101,16 @@ def find_resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
         if path.is_dir():
-            path = path / "checkpoints" / "last.ckpt"
+            # a step directory (checkpoints/step_<N>, checkpoints/latest) or a run dir
+            in_step = (path / CHECKPOINT_FILE).is_file()
+            path = path / CHECKPOINT_FILE if in_step else path / "checkpoints" / LAST_FILE
         if not path.is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no checkpoint file at {path}")
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path}: no checkpoint file at {path} (give a .ckpt file, a run dir "
+                "with checkpoints/last.ckpt, or a checkpoints/step_<N> directory)"
+            )
         return path
-    last = output_dir / "checkpoints" / "last.ckpt"
+    last = output_dir / "checkpoints" / LAST_FILE
     if last.is_file():
         return last
     leftovers = [p for p in ("checkpoints", "csv", "tensorboard", "result.json") if (output_dir / p).exists()]
@@ -149,6 +156,7 @@ def build_trainer(
         trainer_cfg["val_check_interval"] *= optim.accumulate_grad_batches
     # in a submitit job: SIGTERM must not end fit and a requeue signal first saves last.ckpt
     callbacks = [*_instantiate_group(cfg, "callbacks"), *preemption_callbacks(output_dir)]
+    _attach_hub_uploader(cfg, callbacks, output_dir)
     loggers = list(_instantiate_group(cfg, "logger", output_dir=output_dir))
     for logger in loggers:
         if isinstance(logger, ResumableCSVLogger):
@@ -162,6 +170,32 @@ def build_trainer(
         )
     except Exception as err:
         raise ConfigError(f"trainer: {err}") from err
+
+
+def _attach_hub_uploader(cfg: DictConfig, callbacks: list[pl.Callback], output_dir: Path) -> None:
+    """With `checkpointing.push_to_hub`, the step checkpoints also go to the Hub (picomaml.lit.hub)."""
+    hub = cfg.get("checkpointing") or {}
+    if not hub.get("push_to_hub"):
+        return
+    if not hub.get("hub_repo_id"):
+        raise ConfigError("checkpointing.push_to_hub=true needs checkpointing.hub_repo_id=<namespace>/<name>")
+    savers = [c for c in callbacks if isinstance(c, StepCheckpoints)]
+    if not savers:
+        raise ConfigError(
+            "checkpointing.push_to_hub=true needs callbacks.model_checkpoint (use callbacks=default)"
+        )
+    from picomaml.lit.hub import HubUploader
+
+    # one branch per run, as pico-train: the run dir's name (sweep dir + job number in a multirun)
+    name = hub.get("hub_branch") or (
+        f"{output_dir.parent.name}-{output_dir.name}" if output_dir.name.isdigit() else output_dir.name
+    )
+    try:
+        savers[0].uploader = HubUploader(
+            str(hub.hub_repo_id), re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)), private=bool(hub.private)
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _instantiate_group(cfg: DictConfig, key: str, output_dir: Path | None = None) -> Any:

@@ -16,7 +16,8 @@ import pytest
 import torch
 from datasets import load_from_disk
 
-from picomaml.lit.dynamics import LearningDynamics, checkpoint_steps, match_modules
+from picomaml.lit.checkpointing import checkpoint_steps
+from picomaml.lit.dynamics import LearningDynamics, match_modules
 from picomaml.model import ModelConfig, PicoDecoder
 from picomaml.train import prepare_run, save_training_config
 from tests.conftest import FAST, compose_train
@@ -143,9 +144,12 @@ def test_files_have_pico_layout_names_and_shapes(sweep_dir: Path) -> None:
 
 
 def test_dumps_hold_the_checkpoint_weights_and_true_gradients(sweep_dir: Path) -> None:
-    """Step 2's dump sees the weights of step_2.ckpt, and its gradients are the LM loss's on its batch."""
+    """Step 2's dump sees the weights of step 2's checkpoint, and its gradients are the LM loss's on its
+    batch."""
     ld = sweep_dir / "0" / "checkpoints" / "step_2" / "learning_dynamics"
-    checkpoint = torch.load(sweep_dir / "0" / "checkpoints" / "step_2.ckpt", weights_only=False)
+    checkpoint = torch.load(
+        sweep_dir / "0" / "checkpoints" / "step_2" / "checkpoint.ckpt", weights_only=False
+    )
     state = checkpoint["state_dict"]
     weights = torch.load(ld / "train_weights.pt")
     for name, weight in weights.items():

@@ -74,7 +74,7 @@ def test_cli_writes_results_with_meta_test_accuracy(sweep_dir: Path, capsys: pyt
     run = sweep_dir / "1"
     results = main([f"ckpt_path={run}", "meta=5way4shot", "episodes=6", "max_docs=12", "step=2"])
     saved = json.loads((run / "eval_results" / "step_2.json").read_text())
-    assert saved["step"] == 2 and saved["checkpoint"].endswith("step_2.ckpt")
+    assert saved["step"] == 2 and saved["checkpoint"].endswith("step_2/checkpoint.ckpt")
     for key in (
         "ppl_token_weighted",
         "ppl_doc_mean",
@@ -116,7 +116,7 @@ def test_errors_name_the_problem(sweep_dir: Path, tmp_path: Path) -> None:  # no
         load_run(tmp_path / "missing")
     with pytest.raises(RunError, match="is not a picomaml run"):
         load_run(tmp_path)
-    with pytest.raises(RunError, match=r"no checkpoint at step 3 .*\(available: 2, 4\)"):
+    with pytest.raises(RunError, match=r"no checkpoint at step 3 .*\(available: 0, 1, 2, 4\)"):
         load_run(sweep_dir / "1", step=3)
     with pytest.raises(RunError, match=r"no checkpoint at step 5"):
         load_run(sweep_dir / "1" / "checkpoints" / "step_5")

@@ -11,6 +11,9 @@ At each scheduled step N (after N optimizer updates, i.e. the weights of checkpo
         val_activations.pt     the same on a fixed validation batch (the same rows at every step, which
         val_weights.pt         is what makes activations comparable across steps, e.g. by CKA)
         val_gradients.pt
+        meta_activations.pt    meta runs: the same on a fixed batch of meta-test episodes (held-out
+        meta_weights.pt        words; episode ``meta_episode``), activations at each window's last real
+        meta_gradients.pt      token [windows, out], gradients of the query loss after adaptation
 
 for every module whose name ends with one of ``layer_suffixes`` (pico-train's default:
 ``attention.v_proj``, ``attention.o_proj``, ``swiglu.w_2``; names as in ``PicoDecoder.named_modules()``,
@@ -24,8 +27,8 @@ The dump must not change training: it runs its own forward and takes gradients w
 numbers, does not copy the model, and removes its hooks before returning. It runs on global rank 0 with
 rank 0's batch, on the unwrapped model (DDP is fine; FSDP shards the weights and is not supported).
 
-Schedule (:func:`checkpoint_steps`): Pythia's log-spaced 0, 1, 2, 4, ..., 512, then every
-``every_n_steps``, and the final step.
+Schedule (:func:`~picomaml.lit.checkpointing.checkpoint_steps`, the checkpoints' own): Pythia's
+log-spaced 0, 1, 2, 4, ..., 512, then every ``every_n_steps``, and the final step.
 """
 
 from __future__ import annotations
@@ -42,30 +45,11 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from picomaml.lit.checkpointing import checkpoint_steps
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LAYER_SUFFIXES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
-
-
-def checkpoint_steps(max_steps: int, every_n_steps: int, log_spaced_until: int = 512) -> list[int]:
-    """Steps 0, 1, 2, 4, ... (powers of two up to ``log_spaced_until``), every multiple of
-    ``every_n_steps``, and ``max_steps`` itself; all <= ``max_steps``, sorted.
-
-    >>> checkpoint_steps(2500, 1000)
-    [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 2500]
-    """
-    if max_steps < 0 or every_n_steps < 1 or log_spaced_until < 0:
-        raise ValueError(
-            f"need max_steps >= 0, every_n_steps >= 1, log_spaced_until >= 0; "
-            f"got {max_steps}, {every_n_steps}, {log_spaced_until}"
-        )
-    steps = {0, max_steps}
-    power = 1
-    while power <= min(log_spaced_until, max_steps):
-        steps.add(power)
-        power *= 2
-    steps.update(range(every_n_steps, max_steps + 1, every_n_steps))
-    return sorted(steps)
 
 
 def match_modules(model: nn.Module, layer_suffixes: Sequence[str]) -> dict[str, nn.Module]:
@@ -80,8 +64,8 @@ def match_modules(model: nn.Module, layer_suffixes: Sequence[str]) -> dict[str, 
         if not any(name == suffix or name.endswith("." + suffix) for name, _ in named):
             examples = ", ".join(name for name, _ in named[1:7])
             raise ValueError(
-                f"LearningDynamics: layer suffix {suffix!r} matches no module of the model; "
-                f"module names look like: {examples}, ..."
+                f"callbacks.learning_dynamics.layer_suffixes: suffix {suffix!r} matches no module of the "
+                f"model; module names look like: {examples}, ..."
             )
     return {
         name: m
@@ -102,21 +86,61 @@ def extract_states(
     ``model`` must have ``lm_loss(input_ids, labels)``. ``forward_context`` (e.g. the trainer's precision
     autocast) wraps the forward pass, so activations are what training computes.
     """
+    tokens = tokens.to(next(model.parameters()).device)
+    return capture_states(
+        modules,
+        lambda: model.lm_loss(tokens[:, :-1], tokens[:, 1:]),
+        lambda output: output[:, sequence_idx, :],
+        forward_context,
+    )
+
+
+def extract_meta_states(
+    model: nn.Module,
+    head: nn.Module,
+    meta_config: Any,
+    modules: dict[str, nn.Module],
+    batch: dict[str, torch.Tensor],
+    forward_context: Any = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """:func:`extract_states` on a meta-batch: one backbone forward over its support and query windows
+    (support first, as ``picomaml.meta.window_features`` orders them), activations at each window's last
+    real token, gradients of the MAML query loss after the inner loop (``meta_config``'s, with ``head``).
+    """
+    from picomaml.meta import meta_forward
+
     device = next(model.parameters()).device
-    tokens = tokens.to(device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    last = torch.cat([batch["support_lengths"].flatten(), batch["query_lengths"].flatten()]) - 1
+    return capture_states(
+        modules,
+        lambda: meta_forward(model.hidden_states, batch, head, meta_config)[0],
+        lambda output: output[torch.arange(len(last), device=output.device), last],
+        forward_context,
+    )
+
+
+def capture_states(
+    modules: dict[str, nn.Module],
+    loss_fn: Any,
+    select: Any,
+    forward_context: Any = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Runs ``loss_fn()`` with forward hooks on ``modules``; returns ``select(output)`` of each module
+    (its activations), its weight, and d(loss)/d(weight), all fp32 on the CPU."""
     activations: dict[str, torch.Tensor] = {}
 
     def hook(name: str) -> Any:
         def save(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             # clone: a slice of [B, T, D] would otherwise pin (and torch.save) the whole tensor
-            activations[name] = output[:, sequence_idx, :].detach().float().cpu().clone()
+            activations[name] = select(output).detach().float().cpu().clone()
 
         return save
 
     handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
     try:
         with torch.enable_grad(), forward_context or contextlib.nullcontext():
-            loss = model.lm_loss(tokens[:, :-1], tokens[:, 1:])
+            loss = loss_fn()
         grads = torch.autograd.grad(loss, [m.weight for m in modules.values()])
     finally:
         for handle in handles:
@@ -139,6 +163,8 @@ class LearningDynamics(pl.Callback):
         sequence_idx: token position whose activations are saved (-1: the last input position).
         val_batch_size: rows of the fixed validation batch (taken from the datamodule's validation
             micro-batches, in order); 0 disables the ``val_*`` files.
+        meta_episode: in meta runs, the meta-test episode (a meta-batch of held-out words) whose
+            windows give the ``meta_*`` files, the same at every step; None disables them.
         dirpath: the run's checkpoint directory (default ``<trainer.default_root_dir>/checkpoints``).
         steps: an explicit list of steps instead of the schedule.
     """
@@ -150,6 +176,7 @@ class LearningDynamics(pl.Callback):
         layer_suffixes: Sequence[str] = DEFAULT_LAYER_SUFFIXES,
         sequence_idx: int = -1,
         val_batch_size: int = 32,
+        meta_episode: int | None = 0,
         dirpath: str | os.PathLike | None = None,
         steps: Sequence[int] | None = None,
     ) -> None:
@@ -161,6 +188,7 @@ class LearningDynamics(pl.Callback):
         self.layer_suffixes = tuple(layer_suffixes)
         self.sequence_idx = sequence_idx
         self.val_batch_size = val_batch_size
+        self.meta_episode = meta_episode
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.steps = sorted(set(steps)) if steps is not None else None
         self._schedule: set[int] = set()
@@ -216,6 +244,20 @@ class LearningDynamics(pl.Callback):
             val = extract_states(model, self._modules, val_tokens, self.sequence_idx, context)
             for kind, states in val.items():
                 _save_atomic(states, out_dir / f"val_{kind}.pt")
+        meta_batch = self._meta_batch(trainer, pl_module)
+        if meta_batch is not None:
+            context = trainer.strategy.precision_plugin.forward_context()
+            meta = extract_meta_states(
+                model, pl_module.meta_head, pl_module.meta_config, self._modules, meta_batch, context
+            )
+            for kind, states in meta.items():
+                _save_atomic(states, out_dir / f"meta_{kind}.pt")
+
+    def _meta_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+        episodes = getattr(trainer.datamodule, "meta_test_episodes", None)
+        if self.meta_episode is None or episodes is None or getattr(pl_module, "meta_head", None) is None:
+            return None
+        return episodes[self.meta_episode]
 
     def _validation_tokens(self, trainer: pl.Trainer) -> torch.Tensor | None:
         """The first ``val_batch_size`` validation rows, read once so every step sees the same inputs."""

@@ -269,6 +269,9 @@ class PicoLitModule(pl.LightningModule):
             "ar_steps": self.ar_steps,
             "micro_step": self._micro_step,
             "torch_rng": torch.get_rng_state(),
+            # the open logging window, so a checkpoint between two logging steps (a log-spaced step, a
+            # signal save) resumes to the same windowed means as the uninterrupted run
+            "window": self._window.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -279,6 +282,7 @@ class PicoLitModule(pl.LightningModule):
         self._micro_step = int(state.get("micro_step", 0))
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
+        self._window.load_state_dict(state.get("window", {}), self.tokens_seen)
 
 
 def _grad_norm(parameters: Any) -> torch.Tensor:
@@ -306,8 +310,16 @@ class _StepWindow:
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
         value = torch.as_tensor(value).detach().float()
-        self.sums[name] = self.sums[name] + value.to(self.sums[name].device) if name in self.sums else value
+        self.sums[name] = self.sums[name].to(value.device) + value if name in self.sums else value
         self.counts[name] = self.counts.get(name, 0) + 1
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {"sums": {n: v.cpu() for n, v in self.sums.items()}, "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict[str, dict[str, Any]], tokens_seen: int) -> None:
+        self.reset(tokens_seen)
+        self.sums = {n: torch.as_tensor(v) for n, v in state.get("sums", {}).items()}
+        self.counts = dict(state.get("counts", {}))
 
     def means(self) -> dict[str, torch.Tensor]:
         return {name: total / self.counts[name] for name, total in self.sums.items()}

@@ -123,7 +123,7 @@ class PreemptionCheckpoint(pl.Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(self._save_pending, all=False):
             return
-        trainer.save_checkpoint(self.last_ckpt)
+        trainer.save_checkpoint(self.last_ckpt, weights_only=False)
         log.warning("saved %s at step %d after a signal", self.last_ckpt, step)
         self._save_pending = False
         if self._requeue_pending is not None:

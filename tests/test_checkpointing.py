@@ -1,0 +1,203 @@
+"""Step checkpoints (picomaml.lit.checkpointing) on a hybrid AR + meta run: layout, the Hugging Face
+export in every step dir, meta-episode learning dynamics, exact resumes from every kind of checkpoint,
+and a save killed half-way.
+
+One 8-step run (:func:`straight`) is shared: checkpoints at 0, 1, 2, 4 (log-spaced) and 3, 6 (every 3)
+and 8 (the end), logging every 2 steps, validating every 4, half of the steps meta steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from picomaml.checkpoint import load_run
+from picomaml.meta import meta_forward
+from picomaml.train import train
+from tests.conftest import compose_train
+from tests.test_hybrid import META
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEDULE = [0, 1, 2, 3, 4, 6, 8]
+COMMON = [
+    *META,
+    "meta.hybrid_ratio=0.5",
+    "meta.val_episodes=2",
+    "data.val_batches=2",
+    "trainer.max_steps=8",
+    "trainer.val_check_interval=4",
+    "trainer.log_every_n_steps=2",
+    "callbacks.model_checkpoint.every_n_train_steps=3",
+    "callbacks.learning_dynamics.val_batch_size=4",
+]
+# what must come out the same, step by step, whatever the run was resumed from
+CURVES = (
+    "train/loss_ar",
+    "train/loss_meta",
+    "train/tokens_seen",
+    "train/lr",
+    "val/loss",
+    "meta_test/query_acc",
+)
+
+
+def rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def curve(run_dir: Path, key: str, after: int = -1) -> dict[int, float]:
+    return {int(r["step"]): float(r[key]) for r in rows(run_dir) if r.get(key) and int(r["step"]) > after}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("checkpointing") / "straight"
+    result = train(compose_train(COMMON, run_dir, cache_dir))
+    assert result["status"] == "completed" and result["global_step"] == 8
+    return run_dir
+
+
+def test_step_dirs_hold_the_hf_export_and_the_resume_state(straight: Path) -> None:
+    ckpt_dir = straight / "checkpoints"
+    steps = sorted(int(p.name.removeprefix("step_")) for p in ckpt_dir.glob("step_*"))
+    assert steps == SCHEDULE
+    for step in SCHEDULE:
+        files = {p.name for p in (ckpt_dir / f"step_{step}").iterdir()}
+        assert {"checkpoint.ckpt", "config.json", "model.safetensors", "tokenizer.json"} <= files, step
+        assert not any(name.startswith(".") for name in files), f"temporary files left in step_{step}"
+        assert (
+            torch.load(ckpt_dir / f"step_{step}" / "checkpoint.ckpt", weights_only=False)["global_step"]
+            == step
+        )
+    assert os.readlink(ckpt_dir / "latest") == "step_8"
+    assert os.path.samefile(ckpt_dir / "last.ckpt", ckpt_dir / "step_8" / "checkpoint.ckpt")
+
+    from transformers import LlamaForCausalLM
+
+    run = load_run(ckpt_dir / "step_4")
+    assert run.step == 4 and run.meta_head is not None
+    hf = LlamaForCausalLM.from_pretrained(ckpt_dir / "step_4").eval()
+    tokens = torch.randint(0, 50000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, run.model(tokens), rtol=1e-4, atol=1e-4)
+    # the export is step 4's: not the same weights as step 8's
+    assert not torch.equal(run.model.embedding_proj.weight, load_run(straight).model.embedding_proj.weight)
+
+
+def test_meta_dynamics_hold_query_loss_gradients_on_fixed_episodes(straight: Path, cache_dir: Path) -> None:
+    ld = straight / "checkpoints" / "step_4" / "learning_dynamics"
+    train_acts = torch.load(ld / "train_activations.pt")
+    acts, weights, grads = (
+        torch.load(ld / f"meta_{kind}.pt") for kind in ("activations", "weights", "gradients")
+    )
+    assert set(acts) == set(weights) == set(grads) == set(train_acts)
+    run = load_run(straight, step=4)
+    datamodule = run.datamodule(cache_dir=str(cache_dir))
+    datamodule.setup_meta(run.meta_config)
+    batch = datamodule.meta_test_episodes[0]
+    cfg = run.meta_config
+    windows = cfg.tasks_per_step * cfg.n_way * (cfg.k_shot + cfg.q_query)
+    modules = dict(run.model.named_modules())
+    for name in grads:
+        assert acts[name].shape == (windows, modules[name].weight.shape[0]), name
+        assert torch.equal(weights[name], modules[name].weight), name
+    # the gradients are d(query loss after adaptation)/d(weight) on meta-test episode 0
+    run.model.train(), run.meta_head.train()
+    loss, _ = meta_forward(run.model.hidden_states, batch, run.meta_head, cfg)
+    loss.backward()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, modules[name].weight.grad, rtol=1e-4, atol=1e-7, msg=name)
+    # and activations the outputs at each window's last real token
+    lengths = torch.cat([batch["support_lengths"].flatten(), batch["query_lengths"].flatten()])
+    tokens = torch.cat([batch["support_tokens"].flatten(0, 1), batch["query_tokens"].flatten(0, 1)])
+    name = "layers.0.attention.v_proj"
+    captured = {}
+    handle = modules[name].register_forward_hook(lambda m, a, out: captured.setdefault("o", out))
+    with torch.no_grad():
+        run.model.hidden_states(tokens[:, : int(lengths.max())])
+    handle.remove()
+    torch.testing.assert_close(acts[name], captured["o"][torch.arange(windows), lengths - 1])
+
+
+def test_dynamics_do_not_change_a_hybrid_run(straight: Path, tmp_path: Path, cache_dir: Path) -> None:
+    without = tmp_path / "without"
+    train(compose_train([*COMMON, "~callbacks.learning_dynamics"], without, cache_dir))
+    assert not (without / "checkpoints" / "step_4" / "learning_dynamics").exists()
+    for key in CURVES:
+        assert curve(without, key) == curve(straight, key), key
+
+
+@pytest.mark.parametrize("step", [0, 1, 3, 4])
+def test_resume_from_a_step_checkpoint_continues_the_same_curves(
+    straight: Path, tmp_path: Path, cache_dir: Path, step: int
+) -> None:
+    """0: the initial weights; 1 and 3: between two logging steps; 4: a logging + validation step."""
+    resumed = tmp_path / f"from_{step}"
+    source = straight / "checkpoints" / f"step_{step}"
+    result = train(compose_train([*COMMON, f"ckpt_path={source}"], resumed, cache_dir))
+    assert result["global_step"] == 8
+    for key in CURVES:
+        a, b = curve(straight, key, after=step), curve(resumed, key, after=step)
+        assert a and sorted(a) == sorted(b), key
+        assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, key
+
+
+KILL_AT_STEP_4 = """
+import io, os, sys, runpy, torch
+import lightning.fabric.plugins.io.torch_io as torch_io
+
+real_save = torch_io._atomic_save
+
+def save_then_die(checkpoint, path):
+    if checkpoint["global_step"] != 4:
+        return real_save(checkpoint, path)
+    data = io.BytesIO()
+    torch.save(checkpoint, data)
+    with open(path, "wb") as file:  # half the bytes reach the disk, then the process is killed
+        file.write(data.getvalue()[: len(data.getvalue()) // 2])
+    os._exit(9)
+
+torch_io._atomic_save = save_then_die
+sys.argv = ["picomaml.train", *sys.argv[1:]]
+runpy.run_module("picomaml.train", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint(
+    straight: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    run_dir = tmp_path / "killed"
+    overrides = [*COMMON, f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AT_STEP_4, *overrides], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert killed.returncode == 9, killed.stderr[-3000:]
+    ckpt_dir = run_dir / "checkpoints"
+    assert not (ckpt_dir / "step_4" / "checkpoint.ckpt").exists()
+    assert os.readlink(ckpt_dir / "latest") == "step_3"
+    assert load_run(run_dir).step == 3  # last.ckpt is step 3's
+    assert load_run(ckpt_dir / "step_3").step == 3
+    # the same command resumes from step 3 and ends as if never killed
+    rerun = subprocess.run(
+        [sys.executable, "-m", "picomaml.train", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from {ckpt_dir}/last.ckpt" in rerun.stdout + rerun.stderr
+    assert not [p.name for p in (ckpt_dir / "step_4").iterdir() if p.name.startswith(".")]
+    for key in CURVES:
+        a, b = curve(straight, key), curve(run_dir, key)
+        assert sorted(a) == sorted(b), key
+        assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, key
