@@ -9,6 +9,7 @@ and 8 (the end), logging every 2 steps, validating every 4, half of the steps me
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -18,9 +19,10 @@ import pytest
 import torch
 
 from picomaml.checkpoint import load_run
+from picomaml.config import ConfigError
 from picomaml.meta import meta_forward
-from picomaml.train import train
-from tests.conftest import compose_train
+from picomaml.train import prepare_run, train
+from tests.conftest import FAST, compose_train
 from tests.test_hybrid import META
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,10 +128,26 @@ def test_meta_dynamics_hold_query_loss_gradients_on_fixed_episodes(straight: Pat
     torch.testing.assert_close(acts[name], captured["o"][torch.arange(windows), lengths - 1])
 
 
-def test_dynamics_do_not_change_a_hybrid_run(straight: Path, tmp_path: Path, cache_dir: Path) -> None:
+def test_periodic_evaluation_is_logged_and_written(straight: Path) -> None:
+    evals = {k: curve(straight, f"eval/{k}") for k in ("ppl_doc_mean", "top5_acc", "meta_query_acc")}
+    assert all(sorted(c) == [3, 6] for c in evals.values()), evals
+    saved = json.loads((straight / "eval_results" / "step_6_light.json").read_text())
+    assert saved["step"] == 6 and saved["meta_tasks"] == 8
+    assert saved["ppl_doc_mean"] == pytest.approx(evals["ppl_doc_mean"][6])
+    assert 0 <= saved["top1_acc"] <= saved["top5_acc"] <= 1
+
+
+def test_dynamics_and_evaluation_do_not_change_a_hybrid_run(
+    straight: Path, tmp_path: Path, cache_dir: Path
+) -> None:
     without = tmp_path / "without"
-    train(compose_train([*COMMON, "~callbacks.learning_dynamics"], without, cache_dir))
+    train(
+        compose_train(
+            [*COMMON, "~callbacks.learning_dynamics", "~callbacks.periodic_eval"], without, cache_dir
+        )
+    )
     assert not (without / "checkpoints" / "step_4" / "learning_dynamics").exists()
+    assert not (without / "eval_results").exists()
     for key in CURVES:
         assert curve(without, key) == curve(straight, key), key
 
@@ -201,3 +219,37 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint(
         a, b = curve(straight, key), curve(run_dir, key)
         assert sorted(a) == sorted(b), key
         assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, key
+
+
+def test_push_to_hub_offline_warns_once_and_trains_on(
+    tmp_path: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real uploader and HfApi with HF_HUB_OFFLINE=1 (conftest): one warning, every checkpoint local."""
+    hub = ["checkpointing.push_to_hub=true", "checkpointing.hub_repo_id=picomaml-tests/tiny"]
+    with caplog.at_level("WARNING", logger="picomaml.lit.hub"):
+        result = train(compose_train([*FAST, "trainer.max_steps=4", *hub], tmp_path, cache_dir))
+    assert result["status"] == "completed"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == [
+        f"step_{s}" for s in (0, 1, 2, 4)
+    ]
+    offline = [r for r in caplog.records if "offline" in r.getMessage()]
+    assert len(offline) == 1, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["checkpointing.push_to_hub=true"], "needs checkpointing.hub_repo_id"),
+        (["checkpointing.push_to_hub=true", "checkpointing.hub_repo_id=a/b/c"], "checkpointing.hub_repo_id"),
+        (
+            ["checkpointing.push_to_hub=true", "checkpointing.hub_repo_id=a/b", "callbacks=none"],
+            "callbacks=default",
+        ),
+    ],
+)
+def test_bad_hub_settings_fail_before_training(
+    tmp_path: Path, cache_dir: Path, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        prepare_run(compose_train([*FAST, *overrides], tmp_path, cache_dir))
+    assert not (tmp_path / "checkpoints").exists()
