@@ -35,6 +35,7 @@ from picomaml.config import (
 )
 from picomaml.lit.checkpoint_io import AtomicCheckpointIO
 from picomaml.lit.checkpointing import CHECKPOINT_FILE, LAST_FILE, StepCheckpoints
+from picomaml.lit.dynamics import LearningDynamics, match_modules
 from picomaml.lit.loggers import ResumableCSVLogger
 from picomaml.lit.module import PicoLitModule
 from picomaml.lit.optim import OptimConfig
@@ -90,6 +91,12 @@ def prepare_run(cfg: DictConfig) -> RunPlan:
     module = PicoLitModule(model_config, optim, seq_len=cfg.data.seq_len, meta=meta, seed=cfg.seed)
     module.validation_listeners.append(PruningListener(cfg))
     trainer = build_trainer(cfg, optim, output_dir, resume_step)
+    for callback in trainer.callbacks:
+        if isinstance(callback, LearningDynamics):
+            try:
+                match_modules(module.model, callback.layer_suffixes)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
     return RunPlan(output_dir, module, datamodule, trainer, resume_from)
 
 
@@ -113,13 +120,24 @@ def find_resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
     last = output_dir / "checkpoints" / LAST_FILE
     if last.is_file():
         return last
-    leftovers = [p for p in ("checkpoints", "csv", "tensorboard", "result.json") if (output_dir / p).exists()]
+    leftovers = [p for p in ("checkpoints", "csv", "tensorboard") if (output_dir / p).exists()]
+    if (output_dir / "result.json").exists() and not _failed_before_training(output_dir / "result.json"):
+        leftovers.append("result.json")
     if leftovers:
         raise ConfigError(
             f"output dir {output_dir} already holds a run ({', '.join(leftovers)}) but no "
             "checkpoints/last.ckpt to resume from; pick another run_name or move that directory away"
         )
     return None
+
+
+def _failed_before_training(result_file: Path) -> bool:
+    """A result.json of a job that stopped before training (a config error): nothing to protect."""
+    try:
+        result = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return result.get("status") == "failed" and "global_step" not in result
 
 
 def check_checkpoint_architecture(path: Path, model_config: ModelConfig) -> int:

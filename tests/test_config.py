@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
@@ -11,7 +12,7 @@ from omegaconf import OmegaConf
 
 from picomaml.config import ConfigError, group_options, resolve_precision
 from picomaml.lit.optim import OptimConfig, lr_multiplier
-from picomaml.train import prepare_run
+from picomaml.train import prepare_run, train
 from tests.conftest import FAST, compose_train
 
 GROUPS = [
@@ -78,6 +79,11 @@ def test_unknown_key_inside_a_group_file_is_named(tmp_path: Path, cache_dir: Pat
         ("model.attention_n_kv_heads=5", "attention_n_kv_heads"),
         ("data.corpus=books", "corpus"),
         ("data.tokenizer=llama", "tokenizer"),
+        (
+            "callbacks.learning_dynamics.layer_suffixes=[swiglu.w_9]",
+            "callbacks.learning_dynamics.layer_suffixes: suffix 'swiglu.w_9' matches no module",
+        ),
+        ("callbacks.model_checkpoint.every_n_train_steps=0", "every_n_train_steps must be >= 1"),
     ],
 )
 def test_bad_values_fail_before_training(
@@ -110,6 +116,14 @@ def test_used_output_dir_without_checkpoint_is_refused(tmp_path: Path, cache_dir
     with pytest.raises(ConfigError, match="already holds a run"):
         prepare_run(cfg)
     assert (tmp_path / "csv" / "metrics.csv").read_text() == "step\n1\n"
+
+
+def test_a_rerun_after_a_config_error_is_not_refused(tmp_path: Path, cache_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        train(compose_train([*FAST, "optim.lr=0"], tmp_path, cache_dir))
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
+    # nothing was trained, so the corrected command may use the same dir
+    assert prepare_run(compose_train(FAST, tmp_path, cache_dir)).resume_from is None
 
 
 def test_precision_auto_resolves_per_device() -> None:
