@@ -175,7 +175,19 @@ def bench_meta(argv: list[str]) -> dict[str, object]:
     return run(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], dict[str, object]]] = {"train": bench_train, "meta": bench_meta}
+def bench_sweep(argv: list[str]) -> dict[str, object]:
+    """``sweep``: per-trial overheads of an optuna sweep, async vs blocking batches
+    (see :mod:`picomaml.bench_sweep`)."""
+    from picomaml.bench_sweep import bench_sweep as run
+
+    return run(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], dict[str, object]]] = {
+    "train": bench_train,
+    "meta": bench_meta,
+    "sweep": bench_sweep,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,3 +53,44 @@ def test_bench_meta_smoke(tmp_path: Path) -> None:
         assert (
             0 < timing["inner_loop_fraction"] == pytest.approx(timing["inner_loop_s"] / timing["meta_step_s"])
         )
+
+
+def test_bench_sweep_smoke(tmp_path: Path) -> None:
+    """The same 4-trial study async and in blocking batches on submitit_local (no timing assertions)."""
+    out = tmp_path / "sweep.json"
+    main(["sweep", "launcher=submitit_local", "task=app", "trials=4", "parallelism=2", "steps=2"]
+         + ["step_s=0.05", "slow_step_s=0.5", f"dir={tmp_path / 'studies'}", f"out={out}"])  # fmt: skip
+    r = json.loads(out.read_text())
+    assert (r["trials"], r["parallelism"], r["slow_trials"]) == (4, 2, [0, 2])
+    assert r["python_startup_s"] > 0
+    for schedule, launches in (("async", 4), ("batch", 2)):
+        s = r[schedule]
+        assert s["states"] == {"COMPLETE": 4, "FAIL": 0, "PRUNED": 0}
+        assert s["launch_calls"] == launches and s["slurm_submissions"] is None
+        assert 0 < s["study_s"] < s["wall_s"]
+        assert [t["number"] for t in s["trials"]] == [0, 1, 2, 3]
+        assert [t["slow"] for t in s["trials"]] == [True, False, True, False]
+        for t in s["trials"]:
+            assert t["steps"] == 2
+            assert t["submit_to_first_step"] == pytest.approx(
+                t["submit_to_process"] + t["process_to_first_step"]
+            )
+            assert t["submit_to_process"] > 0 and t["last_step_to_recorded"] > 0
+        assert s["overheads"]["submit_to_first_step"]["max"] == max(
+            t["submit_to_first_step"] for t in s["trials"]
+        )
+    # under batch, the fast trial of a batch is recorded with its slow partner
+    batch = r["batch"]["trials"]
+    assert batch[0]["recorded_at"] == pytest.approx(batch[1]["recorded_at"], abs=0.5)
+    assert r["batch_over_async_wall"] == pytest.approx(r["batch"]["wall_s"] / r["async"]["wall_s"])
+
+
+def test_bench_sweep_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="submitit_local, slurm"):
+        main(["sweep", "launcher=nope"])
+    with pytest.raises(SystemExit, match="async, batch"):
+        main(["sweep", "schedules=async,sync"])
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    with pytest.raises(SystemExit, match="is not empty"):
+        main(["sweep", f"dir={tmp_path / 'used'}"])

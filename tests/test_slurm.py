@@ -1,7 +1,8 @@
 """picomaml's optuna sweeper on a real (local, single-node) SLURM cluster, and the kit's requeue path.
 
-The cluster comes from launchers/slurm_local_cluster.sh: used as is when ``sinfo`` answers, otherwise
-started here (root and apt-get needed, else the tests skip) and stopped at the end.
+The cluster comes from launchers/slurm_local_cluster.sh: used as is when its controller answers
+(``scontrol ping``), otherwise started here (root and apt-get needed, else the tests skip) and stopped
+at the end.
 """
 
 from __future__ import annotations
@@ -26,16 +27,22 @@ KIT = REPO / "launchers" / "slurm_local_cluster.sh"
 pytestmark = pytest.mark.slow
 
 
-def _sinfo_answers() -> bool:
-    if shutil.which("sinfo") is None:
+def _controller_up() -> bool:
+    """Whether a SLURM controller answers. Whatever state the node is in (idle, mixed, completing...):
+    a cluster that answers is someone's to use and not ours to stop."""
+    if shutil.which("scontrol") is None:
         return False
-    proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
-    return proc.returncode == 0 and proc.stdout.strip() in {"idle", "mixed", "allocated"}
+    try:
+        proc = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
+    return "is UP" in proc.stdout
 
 
 @pytest.fixture(scope="module")
 def slurm_cluster() -> Iterator[None]:
-    if _sinfo_answers():
+    """The cluster that answers, or the local one started here and stopped at the end."""
+    if _controller_up():
         yield
         return
     if os.geteuid() != 0:

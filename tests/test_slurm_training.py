@@ -1,10 +1,11 @@
 """`python -m picomaml.train` itself on the local SLURM cluster: a grid sweep as one job array, a training
 job interrupted twice (submitit's USR2, `scontrol requeue`) that ends as if never interrupted, and an
-optuna study of real trainings that fails one trial alone and resumes. Prints the per-trial overheads
-(submission -> first step, last step -> result recorded).
+optuna study of real trainings (8 trials, 2 at a time) that fails one trial alone, prunes a bad region,
+runs other trials while a slow one holds its slot, and resumes to 10 trials. Prints the per-trial
+overheads (submission -> first step, last step -> result recorded).
 
-The cluster fixture is tests/test_slurm.py's (starts launchers/slurm_local_cluster.sh when ``sinfo``
-does not answer). Jobs ask for 1 CPU and run one thread each.
+The cluster fixture is tests/test_slurm.py's (starts launchers/slurm_local_cluster.sh when no controller
+answers). Jobs ask for 1 CPU and run one thread each.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from picomaml.sweep.clock import read_clock
 from picomaml.sweep.results import SUBMITTED_ATTR
 from tests.test_slurm import (
     _job_state,
@@ -58,25 +60,6 @@ SHORT = [
 ]
 
 
-class StepClock(pl.Callback):
-    """Wall-clock time of the first and last optimizer steps, in ``<output dir>/step_clock.json``.
-
-    Added to the trials with ``+callbacks.step_clock._target_=tests.test_slurm_training.StepClock``.
-    """
-
-    def __init__(self) -> None:
-        self.first: float | None = None
-        self.last: float | None = None
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.last = time.time()
-        self.first = self.first or self.last
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        clock = {"first_step": self.first, "last_step": self.last}
-        (Path(trainer.default_root_dir) / "step_clock.json").write_text(json.dumps(clock))
-
-
 class Pace(pl.Callback):
     """Sleeps after every training batch, so that a tiny job outlives SLURM's KillWait (10 s) after
     SIGTERM however fast the machine is (at 7 steps/s it would finish 70 steps before the kill).
@@ -97,11 +80,13 @@ def _env(cache_dir: Path) -> dict[str, str]:
 
 
 def _train_cmd(*overrides: str) -> list[str]:
-    # imported here, not at the top: the trials import this module for StepClock, and importing
+    # imported here, not at the top: the trials import this module for Pace, and importing
     # conftest sets torch's thread count in the importing process
     from tests.conftest import FAST
 
-    fast = [o for o in FAST if not o.startswith("model=")]
+    # a key given in `overrides` replaces FAST's (e.g. a search space for optim.lr)
+    given = {o.split("=", 1)[0].lstrip("+") for o in overrides} | {"model"}
+    fast = [o for o in FAST if o.split("=", 1)[0] not in given]
     return [sys.executable, "-m", "picomaml.train", "-m", "model=tiny", *fast, *SLURM, *overrides]
 
 
@@ -240,57 +225,120 @@ def test_interrupted_job_resumes_to_the_uninterrupted_result(tmp_path: Path, cac
 
 
 def _overheads(study: optuna.Study, sweep_dir: Path) -> list[tuple[int, float, float]]:
+    """(trial, submission -> first step, last step -> recorded) of every completed trial, printed with
+    the process start in between."""
     rows = []
     for t in study.trials:
-        clock_file = sweep_dir / str(t.number) / "step_clock.json"
-        if t.state == TrialState.COMPLETE and clock_file.exists():
-            clock = json.loads(clock_file.read_text())
-            start = clock["first_step"] - t.user_attrs[SUBMITTED_ATTR]
+        clock = read_clock(sweep_dir / str(t.number))
+        if t.state == TrialState.COMPLETE and clock is not None:
+            submitted = t.user_attrs[SUBMITTED_ATTR]
+            start = clock["first_step"] - submitted
             recorded = t.datetime_complete.timestamp() - clock["last_step"]
             rows.append((t.number, start, recorded))
             print(
-                f"trial {t.number}: submission -> first step {start:.1f}s, "
+                f"trial {t.number}: submission -> first step {start:.1f}s "
+                f"(-> process start {clock['process_start'] - submitted:.1f}s), "
                 f"last step -> recorded {recorded:.1f}s"
             )
     return rows
 
 
+# every trial of the first run, enqueued so that the outcome does not depend on timing. With
+# hybrid_ratio 0 the meta params do not touch the backbone, so trials 0, 1, 3 and 4 train identically
+# (their val/loss ties, and the median pruner only prunes a trial strictly worse than the median);
+# 2 fails in training (hybrid_ratio must be in [0, 1]); 5 and 6 have an lr 300x the good one, and
+# their val/loss at the first validation (step 2) is ~3x worse: the median pruner (n_startup_trials=2)
+# stops them there, when 3+ good trials have completed (a trial starts only after all but one of the
+# trials before it ended); 7 trains hybrid AR + meta, a little better than the rest, and comes last
+# so that no good trial is judged against it.
+GOOD = {"optim.lr": 3e-3, "meta.hybrid_ratio": 0.0, "meta.inner_steps": 2}
+ENQUEUE = [
+    {**GOOD, "meta.inner_lr": 0.1},
+    {**GOOD, "meta.inner_lr": 0.2},
+    {**GOOD, "meta.inner_lr": 0.3, "meta.hybrid_ratio": 1.5},
+    {**GOOD, "meta.inner_lr": 0.4},
+    {**GOOD, "meta.inner_lr": 0.5},
+    {**GOOD, "meta.inner_lr": 0.1, "optim.lr": 1.0},
+    {**GOOD, "meta.inner_lr": 0.2, "optim.lr": 1.0},
+    {**GOOD, "meta.inner_lr": 0.1, "meta.hybrid_ratio": 0.5},
+]
+SLOW_STEP_S = 15.0
+
+
+def _enqueue_override() -> str:
+    items = ("{" + ",".join(f"{k}:{v}" for k, v in params.items()) + "}" for params in ENQUEUE)
+    return "hydra.sweeper.enqueue=[" + ",".join(items) + "]"
+
+
 def test_optuna_study_of_real_trainings(tmp_path: Path, cache_dir: Path) -> None:
-    """4 trials, 2 at a time; trial 0 gets an invalid enqueued value and fails alone. A rerun with
-    n_trials=6 runs trials 4 and 5 only and leaves the dirs of 0-3 as they were."""
+    """8 trials, 2 at a time as SLURM jobs (see ENQUEUE): trial 2 fails alone, 5 and 6 are pruned,
+    trial 0 sleeps SLOW_STEP_S after each of its 4 steps while trials after it start and finish.
+    A rerun with n_trials=10 runs trials 8 and 9 only and leaves the dirs of 0-7 byte for byte."""
     sweep_dir = tmp_path / "optuna"
 
     def sweep(n_trials: int) -> None:
         cmd = _train_cmd(
             "hparams_search=meta_optuna",
+            "optim.lr=tag(log, interval(1e-4, 3e-3))",
             *META,
             *SHORT,
-            "+callbacks.step_clock._target_=tests.test_slurm_training.StepClock",
+            "+callbacks.trial_clock._target_=picomaml.bench_sweep.TrialClock",
+            "+callbacks.trial_clock.trial=${sweep.trial_number}",
+            "+callbacks.trial_clock.slow_trials=[0]",
+            f"+callbacks.trial_clock.slow_step_s={SLOW_STEP_S}",
             f"hydra.sweep.dir={sweep_dir}",
             f"hydra.sweeper.n_trials={n_trials}",
             "hydra.sweeper.parallelism=2",
             "hydra.sweeper.plots=false",
-            "hydra.sweeper.enqueue=[{meta.hybrid_ratio:1.5}]",
+            "hydra.sweeper.pruner.name=median",
+            "hydra.sweeper.pruner.n_startup_trials=2",
+            "hydra.sweeper.pruner.n_warmup_steps=0",
+            _enqueue_override(),
         )
-        proc = _run(cmd, cache_dir, timeout=300)
+        proc = _run(cmd, cache_dir, timeout=360)
         assert proc.returncode == 0, proc.stderr[-4000:]
 
     def load() -> optuna.Study:
         return optuna.load_study(study_name="meta_optuna", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
 
-    sweep(4)
+    sweep(8)
     trials = load().trials
-    assert len(trials) == 4
-    assert trials[0].state == TrialState.FAIL and trials[0].params["meta.hybrid_ratio"] == 1.5
-    assert "hybrid_ratio" in _result(sweep_dir / "0")["error"]
-    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 3
-    assert all(len(t.intermediate_values) == 2 for t in trials[1:])  # validations at steps 2 and 4
-    before = {p: p.read_bytes() for n in range(4) for p in (sweep_dir / str(n)).rglob("*") if p.is_file()}
+    ok, failed, pruned = TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED
+    states = [ok, ok, failed, ok, ok, pruned, pruned, ok]
+    assert [t.state for t in trials] == states, [(t.number, t.state, t.intermediate_values) for t in trials]
+    assert [t.params for t in trials] == ENQUEUE
+    assert "hybrid_ratio" in _result(sweep_dir / "2")["error"]
+    assert "hybrid_ratio" in trials[2].user_attrs["error"]
+    # validations at steps 2 and 4; the pruned ones stopped at the first
+    assert all(sorted(trials[n].intermediate_values) == [2, 4] for n in (0, 1, 3, 4, 7))
+    assert all(sorted(trials[n].intermediate_values) == [2] for n in (5, 6))
+    assert trials[5].intermediate_values[2] > 2 * trials[1].intermediate_values[2]
+    assert _result(sweep_dir / "5")["status"] == "pruned"
 
-    sweep(6)
+    # asynchrony: trials that started after the slow trial's first step and ended before its last
+    slow = read_clock(sweep_dir / "0")
+    assert slow is not None and slow["steps"] == 4
+    assert slow["last_step"] - slow["first_step"] >= 3 * SLOW_STEP_S
+    clocks = {n: read_clock(sweep_dir / str(n)) for n in range(1, 8)}
+    inside = [
+        n
+        for n, c in clocks.items()
+        if c is not None
+        and c["last_step"] is not None
+        and slow["first_step"] < c["process_start"]
+        and c["last_step"] < slow["last_step"]
+    ]
+    assert len(inside) >= 2, f"trials that ran while trial 0 did: {inside}"
+    print(f"trials {inside} started and finished while slow trial 0 trained")
+    before = {p: p.read_bytes() for n in range(8) for p in (sweep_dir / str(n)).rglob("*") if p.is_file()}
+
+    sweep(10)
     trials = load().trials
-    assert len(trials) == 6
-    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 5
-    assert sorted(int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit()) == list(range(6))
+    assert len(trials) == 10
+    assert [t.state for t in trials[:8]] == states
+    assert all(t.state.is_finished() for t in trials[8:])
+    assert sorted(int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit()) == list(range(10))
+    after = {p for n in range(8) for p in (sweep_dir / str(n)).rglob("*") if p.is_file()}
+    assert after == set(before)
     assert {p: p.read_bytes() for p in before} == before
-    assert len(_overheads(load(), sweep_dir)) == 5
+    assert len(_overheads(load(), sweep_dir)) >= 5

@@ -11,8 +11,11 @@ import csv
 import hashlib
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -28,18 +31,23 @@ STUDY = "picomaml"
 
 
 def run_sweep(
-    sweep_dir: Path, *overrides: str, launcher: str = "submitit_local"
+    sweep_dir: Path,
+    *overrides: str,
+    launcher: str = "submitit_local",
+    sweeper: str = "picomaml_optuna",
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         str(APP),
         "-m",
-        "hydra/sweeper=picomaml_optuna",
+        f"hydra/sweeper={sweeper}",
         f"hydra/launcher={launcher}",
         f"hydra.sweep.dir={sweep_dir}",
         *overrides,
     ]
-    return subprocess.run(cmd, cwd=sweep_dir.parent, capture_output=True, text=True, timeout=240)
+    sweep_dir.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, cwd=sweep_dir.parent, capture_output=True, text=True, timeout=240, env=env)
 
 
 def load_study(sweep_dir: Path) -> optuna.Study:
@@ -212,6 +220,109 @@ def test_max_failures_stops_a_study_that_fails_everywhere(tmp_path: Path) -> Non
     assert [t.state for t in load_study(sweep_dir).trials] == [TrialState.FAIL] * 2
 
 
+@pytest.mark.parametrize("schedule", ["async", "batch"])
+def test_enqueued_values_the_distribution_rejects_fail_alone(tmp_path: Path, schedule: str) -> None:
+    """Trial 1 enqueues a negative value for a log-scale param and trial 3 a choice that does not
+    exist: optuna would raise inside `study.ask` (the driver dies); each fails alone, without a job.
+    Trial 2's value is outside the interval but usable, and runs as given. In batch mode the failures
+    leave gaps in the job numbers, so the batches are [0], [2], [4, 5]."""
+    sweep_dir = tmp_path / schedule
+    enqueue = "[{x:0.5,model:tiny},{x:-1.0},{x:0.95,model:small},{model:huge}]"
+    proc = run_sweep(
+        sweep_dir,
+        "x=tag(log, interval(0.01, 0.8))",
+        "model=choice(tiny,small)",
+        "step_sleep=0",
+        f"hydra.sweeper.enqueue={enqueue}",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.parallelism=2",
+        f"hydra.sweeper.schedule={schedule}",
+        "hydra.sweeper.plots=false",
+        launcher="basic",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = load_study(sweep_dir).trials
+    ok, failed = TrialState.COMPLETE, TrialState.FAIL
+    assert [t.state for t in trials] == [ok, failed, ok, failed, ok, ok]
+    log_scale = "x=tag(log, interval(0.01, 0.8)): a float in [0.01, 0.8] (log scale)"
+    assert trials[1].user_attrs["error"].startswith(f"enqueued x=-1.0 is not allowed by {log_scale}")
+    choices = "model=choice(tiny,small): one of ['tiny', 'small']"
+    assert trials[3].user_attrs["error"].startswith(f"enqueued model='huge' is not allowed by {choices}")
+    assert trials[2].params == {"x": 0.95, "model": "small"}
+    assert "outside x=tag(log, interval(0.01, 0.8))" in proc.stdout + proc.stderr
+    # no job for the failed ones; every job dir holds the trial of its number
+    assert sorted(int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit()) == [0, 2, 4, 5]
+    for n in (0, 2, 4, 5):
+        overrides = yaml.safe_load((sweep_dir / str(n) / ".hydra" / "overrides.yaml").read_text())
+        assert f"++sweep.trial_number={n}" in overrides
+    with (sweep_dir / "trials.csv").open() as f:
+        assert "enqueued model='huge'" in [r["error"] for r in csv.DictReader(f)][3]
+
+
+def test_batch_schedule_waits_for_every_trial_of_a_batch(tmp_path: Path) -> None:
+    """schedule=batch (hydra-optuna-sweeper's blocking batches): trials 0 and 1 go out in one launch
+    call and trials 2 and 3 only start once slow trial 0 has ended."""
+    sweep_dir = tmp_path / "batch"
+    proc = run_sweep(
+        sweep_dir,
+        "x=interval(0,1)",
+        "slow_trial=0",
+        "slow_step_sleep=0.6",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.parallelism=2",
+        "hydra.sweeper.schedule=batch",
+        "hydra.sweeper.plots=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = load_study(sweep_dir).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    submitted = [t.user_attrs["submitted_at"] for t in trials]
+    assert submitted[0] == submitted[1] < submitted[2] == submitted[3]
+    slow_end = timing(sweep_dir, 0)["end"]
+    assert timing(sweep_dir, 1)["end"] < slow_end  # the fast one of the batch ended first, then waited
+    assert min(timing(sweep_dir, n)["start"] for n in (2, 3)) > slow_end
+    assert "batch of trials [0, 1]: one launch" in proc.stdout + proc.stderr
+
+
+def _bogus_slurm_conf(tmp_path: Path) -> Path:
+    # a controller on a port where nothing listens: `scontrol ping` says DOWN, sbatch retries ~10 s
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(
+        "ClusterName=unreachable\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\n"
+        "NodeName=localhost CPUs=1\nPartitionName=p Nodes=localhost Default=YES\n"
+    )
+    return conf
+
+
+SLURM_PROFILE = (f"hydra.searchpath=[file://{APP.parents[2] / 'conf'}]", "hydra.launcher.gpus_per_node=null")
+
+
+@pytest.mark.parametrize("sweeper", ["picomaml_optuna", "basic"])
+@pytest.mark.parametrize("why", ["not installed", "controller down"])
+def test_unreachable_slurm_fails_before_any_job(tmp_path: Path, sweeper: str, why: str) -> None:
+    """hydra/launcher=slurm when SLURM does not answer: one message, no job, for an optuna sweep and for
+    a grid multirun (Hydra's basic sweeper) alike. The shared cluster keeps running: the driver gets a
+    PATH without SLURM's commands, or a slurm.conf whose controller port is closed."""
+    if why == "not installed":
+        env = {**os.environ, "PATH": str(tmp_path / "empty")}
+        message = "the SLURM launcher needs sbatch and scontrol, not on PATH here: nothing was submitted"
+    else:
+        if shutil.which("scontrol") is None:
+            pytest.skip("SLURM's client commands are not installed")
+        env = {**os.environ, "SLURM_CONF": str(_bogus_slurm_conf(tmp_path))}
+        message = "the SLURM controller is not reachable (`scontrol ping`: Slurmctld(primary) at"
+    space = "x=interval(0,1)" if sweeper == "picomaml_optuna" else "x=0.1,0.2"
+    sweep_dir = tmp_path / "slurm"
+    start = time.time()
+    proc = run_sweep(sweep_dir, *SLURM_PROFILE, space, launcher="slurm", sweeper=sweeper, env=env)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert time.time() - start < 30
+    assert not (sweep_dir / ".submitit").exists()
+    assert not sweep_dir.exists() or not any(p.name.isdigit() for p in sweep_dir.iterdir())
+
+
 def test_resume_fails_trials_left_running_by_a_killed_driver(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "killed"
     sweep_dir.mkdir()
@@ -246,7 +357,19 @@ def test_unknown_trial_dirs_are_never_written_into(tmp_path: Path) -> None:
             ["x=interval(0,1)", "hydra.sweeper.storage=nosuchdb://x"],
             "cannot open optuna storage 'nosuchdb://x'",
         ),
+        (
+            ["x=interval(0,1)", "hydra.sweeper.storage=sqlite:////proc/no/such/dir/optuna.db"],
+            "cannot open optuna storage 'sqlite:////proc/no/such/dir/optuna.db'",
+        ),
         (["x=interval(0,1)", "hydra/launcher=nosuchlauncher"], "hydra/launcher/nosuchlauncher"),
+        (
+            ["x=interval(0,1)", "hydra.sweeper.schedule=sync"],
+            "hydra.sweeper.schedule must be one of ('async', 'batch'), got 'sync'",
+        ),
+        (
+            ["x=interval(0,1)", "hydra.sweeper.enqueue=[{x:0.5},{y:0.1}]"],
+            "hydra.sweeper.enqueue[1] sets ['y'], which are not searched params (searched: ['x'])",
+        ),
     ],
 )
 def test_bad_input_fails_before_any_trial(tmp_path: Path, overrides: list[str], message: str) -> None:

@@ -86,8 +86,13 @@ class PicomamlOptunaSweeperConf:
     direction: str = "minimize"
     # trials in the study in total (finished, pruned and failed), across resumes
     n_trials: int = 20
-    # trials running at once; a new one starts as soon as any finishes
+    # trials running at once; a new one starts as soon as any finishes (schedule=async)
     parallelism: int = 1
+    # async: a new trial as soon as any of the `parallelism` running ones ends (one submission per
+    # trial). batch: hydra-optuna-sweeper's blocking batches, `parallelism` trials in one launch (one
+    # SLURM job array per batch) awaited together before the next batch is asked: fewer submissions,
+    # but each batch lasts as long as its slowest trial, and a job that dies fails its whole batch.
+    schedule: str = "async"
     # stop submitting once this many trials failed in this run (a study that fails everywhere)
     max_failures: int = 10
     sampler: SamplerConf = field(default_factory=SamplerConf)

@@ -3,13 +3,22 @@ and resume, launched through any Hydra launcher (submitit_local, slurm, basic).
 
 How a sweep runs:
 
-* Every trial is one ``launcher.launch([overrides], initial_job_idx=trial.number)`` call, so its job
-  dir is ``<sweep dir>/<trial number>`` (Hydra's ``hydra.sweep.subdir`` is ``${hydra.job.num}``) and a
-  trial number is never reused, resumed sweeps included. Launchers block until their jobs end, so each
-  call waits in its own thread; up to ``parallelism`` trials run at once and a new one is asked from
-  the study as soon as any finishes (no batch barrier: a slow trial holds one slot, not all of them).
-  The basic launcher runs jobs inside the driver process (working directory, logging, signal
-  handlers), so with it trials run one after another in the main thread.
+* ``schedule=async`` (default): every trial is one ``launcher.launch([overrides],
+  initial_job_idx=trial.number)`` call, so its job dir is ``<sweep dir>/<trial number>`` (Hydra's
+  ``hydra.sweep.subdir`` is ``${hydra.job.num}``) and a trial number is never reused, resumed sweeps
+  included. Launchers block until their jobs end, so each call waits in its own thread; up to
+  ``parallelism`` trials run at once and a new one is asked from the study as soon as any finishes
+  (no batch barrier: a slow trial holds one slot, not all of them). The basic launcher runs jobs
+  inside the driver process (working directory, logging, signal handlers), so with it trials run one
+  after another in the main thread.
+* ``schedule=batch``: hydra-optuna-sweeper's way. ``parallelism`` trials are asked, launched in one
+  ``launcher.launch`` call (one SLURM job array, one submission) and waited for together before the
+  next batch is asked: fewer submissions, but every batch lasts as long as its slowest trial, and a
+  job that dies (killed, node failure) fails its whole batch, because the launcher then returns no
+  result for any of its jobs.
+* An enqueued value that the param's distribution cannot hold (not a choice, not positive on a log
+  scale, not a number) fails that trial before anything is launched, with the key, the value and
+  the allowed values in its ``error`` attribute; a number outside an interval is run as given.
 * All optuna calls of the driver (ask, tell, attributes) happen on the main thread. Trials write
   only their intermediate values, from their own processes (``picomaml.sweep.trial_reporter``).
 * A trial ends COMPLETE with a finite float return value; PRUNED when the task raised
@@ -40,8 +49,18 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from picomaml.sweep import results
+from picomaml.sweep.cluster import check_launcher
 from picomaml.sweep.reporter import SWEEP_KEY
-from picomaml.sweep.space import SearchSpace, encode_value, grid_of, parse_search_space, probe_overrides
+from picomaml.sweep.space import (
+    SearchSpace,
+    check_value,
+    describe,
+    encode_value,
+    grid_of,
+    parse_search_space,
+    probe_overrides,
+    suggest,
+)
 from picomaml.sweep.study import (
     PRUNER_ATTR,
     build_pruner,
@@ -57,6 +76,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("minimize", "maximize")
+SCHEDULES = ("async", "batch")
 
 
 class SweepConfigError(CompactHydraException, ValueError):
@@ -105,6 +125,7 @@ class OptunaSweeperImpl:
         params: DictConfig | None,
         enqueue: Any,
         plots: bool,
+        schedule: str = "async",
     ) -> None:
         self.study_name = study_name
         self.storage = storage
@@ -118,6 +139,7 @@ class OptunaSweeperImpl:
         self.params: dict[str, Any] = _plain(params, {})
         self.enqueue: list[dict[str, Any]] = _plain(enqueue, [])
         self.plots = plots
+        self.schedule = schedule
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.launcher: Launcher | None = None
@@ -144,6 +166,26 @@ class OptunaSweeperImpl:
             raise SweepConfigError(
                 f"hydra.sweeper.direction must be one of {DIRECTIONS}, got {self.direction!r}"
             )
+        if self.schedule not in SCHEDULES:
+            raise SweepConfigError(
+                f"hydra.sweeper.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
+            )
+
+    def _check_enqueue(self, space: SearchSpace) -> None:
+        if not isinstance(self.enqueue, list):
+            raise SweepConfigError(f"hydra.sweeper.enqueue must be a list of dicts, got {self.enqueue!r}")
+        for i, params in enumerate(self.enqueue):
+            if not isinstance(params, dict):
+                raise SweepConfigError(
+                    f"hydra.sweeper.enqueue[{i}] must be a dict of searched keys, got {params!r}"
+                )
+            unknown = sorted(set(params) - set(space.distributions))
+            if unknown:
+                raise SweepConfigError(
+                    f"hydra.sweeper.enqueue[{i}] sets {unknown}, which are not searched params "
+                    f"(searched: {sorted(space.distributions)}); a value fixed for every trial belongs "
+                    "in hydra.sweeper.params or on the command line"
+                )
 
     def _search_space(self, arguments: list[str]) -> SearchSpace:
         try:
@@ -196,6 +238,8 @@ class OptunaSweeperImpl:
         assert self.config is not None and self.launcher is not None
         self._check_settings()
         space = self._search_space(arguments)
+        self._check_enqueue(space)
+        check_launcher(self.launcher)
         try:
             grid = grid_of(space) if self.sampler_conf["name"] == "grid" else None
             sampler = build_sampler(self.sampler_conf, grid)
@@ -236,10 +280,12 @@ class OptunaSweeperImpl:
         todo = max(0, n_trials - done)
         log.info(
             f"study {self.study_name!r} in {storage_url}: {done} trials done, {todo} to run "
-            f"(n_trials={n_trials}, parallelism={self.parallelism}), sweep dir {sweep_dir}"
+            f"(n_trials={n_trials}, parallelism={self.parallelism}, schedule={self.schedule}), "
+            f"sweep dir {sweep_dir}"
         )
+        run = self._run_batches if self.schedule == "batch" else self._run
         try:
-            returns = self._run(study, space, storage_url, sweep_dir, todo)
+            returns = run(study, space, storage_url, sweep_dir, todo)
         finally:
             self._write_results(study, sweep_dir, plots=self.plots)
         return returns
@@ -258,9 +304,51 @@ class OptunaSweeperImpl:
             log.warning(f"trial {t.number} was left RUNNING by an earlier driver: marking it FAIL")
             study.tell(t.number, state=TrialState.FAIL)
 
+    def _ask(self, study: optuna.Study, space: SearchSpace) -> optuna.Trial | None:
+        """A new trial with every searched param set; ``None`` when its enqueued values cannot be used.
+
+        Such a trial (an enqueued ``-1`` for a log-scale param, a value that is not a choice) is
+        marked FAIL at once, with the key, the value and the allowed values in its ``error``
+        attribute; optuna would raise inside ``study.ask`` and leave it RUNNING.
+        """
+        from optuna.trial import TrialState
+
+        trial = study.ask()
+        # what enqueue_trial stored for this trial (optuna keeps it as the "fixed_params" attribute)
+        (frozen,) = (t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        fixed = frozen.system_attrs.get("fixed_params", {})
+        errors = []
+        for name, dist in space.distributions.items():
+            if name not in fixed:
+                continue
+            error, in_range = check_value(dist, fixed[name])
+            allowed = f"{space.sources[name]}: {describe(dist)}"
+            if error is not None:
+                errors.append(f"enqueued {name}={fixed[name]!r} is not allowed by {allowed} ({error})")
+            elif not in_range:
+                log.warning(
+                    f"trial {trial.number}: enqueued {name}={fixed[name]!r} is outside {allowed}; "
+                    "running it as given"
+                )
+        if errors:
+            message = "; ".join(errors)
+            trial.set_user_attr(results.ERROR_ATTR, message[:2000])
+            study.tell(trial, state=TrialState.FAIL)
+            log.error(f"trial {trial.number} failed before launch: {message}")
+            return None
+        try:
+            for name, dist in space.distributions.items():
+                suggest(trial, name, dist)
+        except BaseException as e:
+            trial.set_user_attr(results.ERROR_ATTR, f"sampling failed: {type(e).__name__}: {e}"[:2000])
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        return trial
+
     def _trial_overrides(self, trial: optuna.Trial, space: SearchSpace, storage_url: str) -> list[str]:
         user = space.overrides(trial.params)
         trial.set_user_attr(results.OVERRIDES_ATTR, user)
+        log.info(f"trial {trial.number} started: {' '.join(user)}")
         # the reporter's coordinates; `++` adds the keys when the task config does not declare them
         return user + [
             f"++{SWEEP_KEY}.trial_number={trial.number}",
@@ -278,9 +366,25 @@ class OptunaSweeperImpl:
             outcome = _Outcome(number, None, e, submitted, time.time())
         done.put(outcome)
 
+    def _fail_running(self, study: optuna.Study, running: dict[int, optuna.Trial]) -> None:
+        from optuna.trial import TrialState
+
+        for trial in running.values():
+            trial.set_user_attr(results.ERROR_ATTR, "driver stopped while the trial ran")
+            study.tell(trial, state=TrialState.FAIL)
+
+    def _finish(self, failures: int, returns: dict[int, JobReturn]) -> list[list[JobReturn]]:
+        if failures >= self.max_failures:
+            raise TooManyFailuresError(
+                f"{failures} trials failed in this run (max_failures={self.max_failures}): stopped the "
+                "study; see the errors in trials.csv and the trial dirs"
+            )
+        return [[returns[n]] for n in sorted(returns)]
+
     def _run(
         self, study: optuna.Study, space: SearchSpace, storage_url: str, sweep_dir: Path, todo: int
     ) -> list[list[JobReturn]]:
+        """``schedule=async``: a new trial as soon as one of the ``parallelism`` running ones ends."""
         from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 
         in_process = isinstance(self.launcher, BasicLauncher)
@@ -294,13 +398,14 @@ class OptunaSweeperImpl:
         try:
             while True:
                 while len(running) < slots and started < todo and failures < self.max_failures:
-                    trial = study.ask(space.distributions)
+                    trial = self._ask(study, space)
+                    started += 1
+                    if trial is None:
+                        failures += 1
+                        self._write_results(study, sweep_dir, plots=False)
+                        continue
                     overrides = self._trial_overrides(trial, space, storage_url)
                     running[trial.number] = trial
-                    started += 1
-                    log.info(
-                        f"trial {trial.number} started: {' '.join(trial.user_attrs[results.OVERRIDES_ATTR])}"
-                    )
                     if in_process:
                         self._launch(trial.number, overrides, done)
                     else:
@@ -317,18 +422,66 @@ class OptunaSweeperImpl:
                 failures += state == "FAIL"
                 self._write_results(study, sweep_dir, plots=False)
         except BaseException:
-            from optuna.trial import TrialState
-
-            for trial in running.values():
-                trial.set_user_attr(results.ERROR_ATTR, "driver stopped while the trial ran")
-                study.tell(trial, state=TrialState.FAIL)
+            self._fail_running(study, running)
             raise
-        if failures >= self.max_failures:
-            raise TooManyFailuresError(
-                f"{failures} trials failed in this run (max_failures={self.max_failures}): stopped the "
-                "study; see the errors in trials.csv and the trial dirs"
-            )
-        return [[returns[n]] for n in sorted(returns)]
+        return self._finish(failures, returns)
+
+    def _run_batches(
+        self, study: optuna.Study, space: SearchSpace, storage_url: str, sweep_dir: Path, todo: int
+    ) -> list[list[JobReturn]]:
+        """``schedule=batch``: ``parallelism`` trials in one launch call, all awaited before the next.
+
+        Hydra numbers the jobs of one call ``initial_job_idx, initial_job_idx + 1, ...``, so a batch
+        holds consecutive trial numbers only: a trial after a gap (one that failed before launch)
+        waits for the next batch.
+        """
+        assert self.launcher is not None
+        running: dict[int, optuna.Trial] = {}
+        returns: dict[int, JobReturn] = {}
+        started = failures = 0
+        carried: optuna.Trial | None = None
+        try:
+            while carried is not None or (started < todo and failures < self.max_failures):
+                batch = [carried] if carried is not None else []
+                carried = None
+                while len(batch) < self.parallelism and started < todo and failures < self.max_failures:
+                    trial = self._ask(study, space)
+                    started += 1
+                    if trial is None:
+                        failures += 1
+                        self._write_results(study, sweep_dir, plots=False)
+                        continue
+                    running[trial.number] = trial
+                    if batch and trial.number != batch[-1].number + 1:
+                        carried = trial
+                        break
+                    batch.append(trial)
+                if not batch:
+                    continue
+                overrides = [self._trial_overrides(t, space, storage_url) for t in batch]
+                log.info(f"batch of trials {[t.number for t in batch]}: one launch, waiting for all of them")
+                submitted = time.time()
+                try:
+                    job_returns = self.launcher.launch(overrides, initial_job_idx=batch[0].number)
+                    returned = time.time()
+                    outcomes = [
+                        _Outcome(t.number, jr, None, submitted, returned)
+                        for t, jr in zip(batch, job_returns, strict=True)
+                    ]
+                except Exception as e:  # a job of the batch died: the launcher gives no result for any
+                    returned = time.time()
+                    outcomes = [_Outcome(t.number, None, e, submitted, returned) for t in batch]
+                for trial, outcome in zip(batch, outcomes, strict=True):
+                    state = self._tell(study, trial, outcome)
+                    del running[trial.number]
+                    if outcome.job_return is not None:
+                        returns[trial.number] = outcome.job_return
+                    failures += state == "FAIL"
+                self._write_results(study, sweep_dir, plots=False)
+        except BaseException:
+            self._fail_running(study, running)
+            raise
+        return self._finish(failures, returns)
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: _Outcome) -> str:
         """Records the trial's end in the study; returns the state name."""

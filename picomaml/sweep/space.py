@@ -40,6 +40,8 @@ class SearchSpace:
     distributions: dict[str, BaseDistribution] = field(default_factory=dict)
     key_elements: dict[str, str] = field(default_factory=dict)
     fixed: list[str] = field(default_factory=list)
+    # how each swept key was written (``meta.inner_lr=tag(log, interval(0.003, 1.0))``), for messages
+    sources: dict[str, str] = field(default_factory=dict)
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
         """Fixed overrides followed by one ``key=value`` override per sampled parameter."""
@@ -129,9 +131,61 @@ def parse_search_space(params: dict[str, Any], arguments: list[str]) -> SearchSp
         if override.is_sweep_override():
             space.distributions[name] = _distribution(override)
             space.key_elements[name] = override.get_key_element()
+            space.sources[name] = override.input_line
         else:
             space.fixed.append(override.input_line)
     return space
+
+
+def describe(dist: BaseDistribution) -> str:
+    """The values ``dist`` allows, in words: ``a float in [0.003, 1.0] (log scale)``."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return f"one of {list(dist.choices)}"
+    kind = "an int" if isinstance(dist, IntDistribution) else "a float"
+    text = f"{kind} in [{dist.low}, {dist.high}]"  # type: ignore[attr-defined]
+    if dist.log:  # type: ignore[attr-defined]
+        text += " (log scale)"
+    if dist.step is not None and dist.step != 1:  # type: ignore[attr-defined]
+        text += f" in steps of {dist.step}"  # type: ignore[attr-defined]
+    return text
+
+
+def check_value(dist: BaseDistribution, value: Any) -> tuple[str | None, bool]:
+    """Whether a given (enqueued) value can be used as a sample of ``dist``.
+
+    Returns ``(error, in_range)``: ``error`` says why optuna cannot store the value (wrong type, not
+    a choice, not positive on a log scale, not an integer for an int param), else ``None``;
+    ``in_range`` is False for a usable number outside ``[low, high]``, which optuna accepts with a
+    warning (a deliberate setting outside the searched range is allowed).
+    """
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    try:
+        dist.to_internal_repr(value)
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}", False
+    if isinstance(dist, CategoricalDistribution):
+        return None, True
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{value!r} is not a number", False
+    if isinstance(dist, IntDistribution) and value != int(value):
+        return f"{value!r} is not an integer", False
+    return None, dist.low <= value <= dist.high  # type: ignore[attr-defined]
+
+
+def suggest(trial: Any, name: str, dist: BaseDistribution) -> Any:
+    """``trial.suggest_*`` for ``dist``: samples the param, or takes the trial's enqueued value."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    if isinstance(dist, FloatDistribution):
+        return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    raise TypeError(f"{name}: unsupported distribution {dist!r}")
 
 
 def probe_overrides(space: SearchSpace) -> list[list[str]]:

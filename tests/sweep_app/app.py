@@ -2,9 +2,11 @@
 
 Its "validation loss" at step t is ``(x - 0.3)^2 + (y - 0.7)^2 + model.offset + 1 / (t + 1)``. It reports
 each value to the optuna trial (so pruners work), writes a Lightning-CSVLogger-like
-``csv/version_0/metrics.csv``, the ``result.json`` that picomaml.train writes, and ``timing.json``
-(wall-clock start and end, for the asynchrony and overhead checks). Knobs in ``conf/config.yaml`` make
-it slow (one trial), raise (large x), or return NaN (large y).
+``csv/version_0/metrics.csv``, the ``result.json`` that picomaml.train writes, ``timing.json``
+(wall-clock start and end of the task, for the asynchrony checks) and ``step_clock.json``
+(``picomaml.sweep.clock``: process start, first and last step, for the overhead benchmark). Knobs in
+``conf/config.yaml`` make some trials slow (``slow_trial``: a trial number or a list of them), raise
+(large x), or return NaN (large y).
 """
 
 import csv
@@ -17,9 +19,10 @@ from pathlib import Path
 import hydra
 import optuna
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from picomaml.sweep import trial_reporter
+from picomaml.sweep.clock import StepClock
 
 
 def loss_at(cfg: DictConfig, step: int) -> float:
@@ -33,11 +36,13 @@ def main(cfg: DictConfig) -> float:
     job = {"pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
     (out / "timing.json").write_text(json.dumps({"start": started, **job}))
     reporter = trial_reporter(cfg)
+    clock = StepClock(out)
     metrics = out / "csv" / "version_0" / "metrics.csv"
     metrics.parent.mkdir(parents=True, exist_ok=True)
     status, value, step = "failed", math.nan, 0
     sleep = cfg.step_sleep
-    if cfg.slow_trial is not None and cfg.sweep.trial_number == cfg.slow_trial:
+    slow = cfg.slow_trial if isinstance(cfg.slow_trial, ListConfig) else [cfg.slow_trial]
+    if cfg.sweep.trial_number is not None and cfg.sweep.trial_number in slow:
         sleep += cfg.slow_step_sleep
     try:
         if cfg.fail_above is not None and cfg.x > cfg.fail_above:
@@ -47,8 +52,10 @@ def main(cfg: DictConfig) -> float:
             writer = csv.writer(f)
             writer.writerow(["epoch", "step", "train/loss", "val/loss"])
             for step in range(cfg.steps):
+                clock.step_start()
                 time.sleep(sleep)
                 value = loss_at(cfg, step)
+                clock.step_end()
                 writer.writerow([0, step, value + 0.05, ""])
                 writer.writerow([0, step, "", value])
                 f.flush()
