@@ -176,9 +176,9 @@ def test_interrupted_job_resumes_to_the_uninterrupted_result(tmp_path: Path, cac
     2. A few steps into the rerun, `scontrol requeue` (what preemption does): SIGTERM must not end
        `fit`; the job saves last.ckpt at the next logging step and trains on until SLURM kills it
        (KillWait, 10 s later; the ~70 steps left take at least 14 s).
-    The routine checkpoint cadence (100) is beyond the run, so the signal saves are the only
-    checkpoints to resume from (without one, a rerun refuses the used output dir). metrics.csv is
-    written at every logging step so that the test sees the job's progress.
+    The routine step checkpoints are at steps 0 and 80 only (no log-spaced ones, cadence 100), so both
+    resumes start from the signal saves. metrics.csv is written at every logging step so that the
+    test sees the job's progress.
     """
     sweep_dir = tmp_path / "requeue"
     cmd = _train_cmd(
@@ -186,6 +186,7 @@ def test_interrupted_job_resumes_to_the_uninterrupted_result(tmp_path: Path, cac
         "trainer.val_check_interval=40",
         "trainer.log_every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=100",
+        "callbacks.model_checkpoint.log_spaced_until=0",
         "++logger.csv.flush_logs_every_n_steps=1",
         "+callbacks.pace._target_=tests.test_slurm_training.Pace",
         "+callbacks.pace.sleep_s=0,0.2",

@@ -184,6 +184,31 @@ def test_median_pruner_prunes_the_bad_region(tmp_path: Path) -> None:
     assert json.loads((sweep_dir / "2" / "result.json").read_text())["status"] == "pruned"
 
 
+def test_hyperband_pruner_prunes_the_bad_region(tmp_path: Path) -> None:
+    # four good trials run first (the basic launcher runs them one by one), then four much worse ones
+    good = ",".join(f"{{x:0.3{i},y:0.7}}" for i in range(4))
+    bad = ",".join(f"{{x:0.9{i},y:0.1}}" for i in range(4))
+    sweep_dir = tmp_path / "hyperband"
+    proc = run_sweep(
+        sweep_dir,
+        "x=interval(0,1)",
+        "y=interval(0,1)",
+        "steps=9",
+        "step_sleep=0.0",
+        f"hydra.sweeper.enqueue=[{good},{bad}]",
+        "hydra.sweeper.n_trials=8",
+        "hydra.sweeper.pruner.name=hyperband",
+        "hydra.sweeper.pruner.min_resource=1",
+        "hydra.sweeper.pruner.max_resource=9",
+        "hydra.sweeper.plots=false",
+        launcher="basic",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [t.state for t in load_study(sweep_dir).trials]
+    assert states[:4] == [TrialState.COMPLETE] * 4
+    assert states[4:].count(TrialState.PRUNED) >= 2, states
+
+
 def test_journal_storage_and_successive_halving(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "journal"
     journal = tmp_path / "shared" / "study.log"
