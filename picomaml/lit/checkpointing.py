@@ -107,10 +107,6 @@ class StepCheckpoints(pl.Callback):
         self._captured_state: dict[str, torch.Tensor] | None = None
         self._tokenizer_failed = False
 
-    @property
-    def schedule(self) -> list[int]:
-        return sorted(self._schedule)
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         steps = self.steps
         if steps is None:

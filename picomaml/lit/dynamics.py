@@ -233,25 +233,21 @@ class LearningDynamics(pl.Callback):
         model = pl_module.model
         out_dir = self.dirpath / f"step_{step}" / "learning_dynamics"
         out_dir.mkdir(parents=True, exist_ok=True)
-        context = trainer.strategy.precision_plugin.forward_context()
-        train = extract_states(model, self._modules, self._last_tokens, self.sequence_idx, context)
-        for kind, states in train.items():
-            _save_atomic(states, out_dir / f"train_{kind}.pt")
+        # one context per forward pass: a context manager may be single-use
+        forward = trainer.strategy.precision_plugin.forward_context
+        train = extract_states(model, self._modules, self._last_tokens, self.sequence_idx, forward())
+        _save_states(train, out_dir, "train")
         _save_rows(self._last_tokens, getattr(trainer.datamodule, "tokenizer", None), out_dir / "train_data")
         val_tokens = self._validation_tokens(trainer)
         if val_tokens is not None:
-            context = trainer.strategy.precision_plugin.forward_context()
-            val = extract_states(model, self._modules, val_tokens, self.sequence_idx, context)
-            for kind, states in val.items():
-                _save_atomic(states, out_dir / f"val_{kind}.pt")
+            val = extract_states(model, self._modules, val_tokens, self.sequence_idx, forward())
+            _save_states(val, out_dir, "val")
         meta_batch = self._meta_batch(trainer, pl_module)
         if meta_batch is not None:
-            context = trainer.strategy.precision_plugin.forward_context()
             meta = extract_meta_states(
-                model, pl_module.meta_head, pl_module.meta_config, self._modules, meta_batch, context
+                model, pl_module.meta_head, pl_module.meta_config, self._modules, meta_batch, forward()
             )
-            for kind, states in meta.items():
-                _save_atomic(states, out_dir / f"meta_{kind}.pt")
+            _save_states(meta, out_dir, "meta")
 
     def _meta_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
         episodes = getattr(trainer.datamodule, "meta_test_episodes", None)
@@ -276,6 +272,12 @@ class LearningDynamics(pl.Callback):
                 )
             self._val_tokens = rows[: self.val_batch_size]
         return self._val_tokens
+
+
+def _save_states(states: dict[str, dict[str, torch.Tensor]], out_dir: Path, prefix: str) -> None:
+    """``<prefix>_activations.pt``, ``<prefix>_weights.pt`` and ``<prefix>_gradients.pt``."""
+    for kind, tensors in states.items():
+        _save_atomic(tensors, out_dir / f"{prefix}_{kind}.pt")
 
 
 def _save_atomic(obj: Any, path: Path) -> None:

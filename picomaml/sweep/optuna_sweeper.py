@@ -304,7 +304,7 @@ class OptunaSweeperImpl:
             log.warning(f"trial {t.number} was left RUNNING by an earlier driver: marking it FAIL")
             study.tell(t.number, state=TrialState.FAIL)
 
-    def _ask(self, study: optuna.Study, space: SearchSpace) -> optuna.Trial | None:
+    def _ask(self, study: optuna.Study, space: SearchSpace, sweep_dir: Path) -> optuna.Trial | None:
         """A new trial with every searched param set; ``None`` when its enqueued values cannot be used.
 
         Such a trial (an enqueued ``-1`` for a log-scale param, a value that is not a choice) is
@@ -335,6 +335,7 @@ class OptunaSweeperImpl:
             trial.set_user_attr(results.ERROR_ATTR, message[:2000])
             study.tell(trial, state=TrialState.FAIL)
             log.error(f"trial {trial.number} failed before launch: {message}")
+            self._write_results(study, sweep_dir, plots=False)
             return None
         try:
             for name, dist in space.distributions.items():
@@ -398,11 +399,10 @@ class OptunaSweeperImpl:
         try:
             while True:
                 while len(running) < slots and started < todo and failures < self.max_failures:
-                    trial = self._ask(study, space)
+                    trial = self._ask(study, space, sweep_dir)
                     started += 1
                     if trial is None:
                         failures += 1
-                        self._write_results(study, sweep_dir, plots=False)
                         continue
                     overrides = self._trial_overrides(trial, space, storage_url)
                     running[trial.number] = trial
@@ -415,11 +415,7 @@ class OptunaSweeperImpl:
                 if not running:
                     break
                 outcome = done.get()
-                trial = running.pop(outcome.number)
-                state = self._tell(study, trial, outcome)
-                if outcome.job_return is not None:
-                    returns[outcome.number] = outcome.job_return
-                failures += state == "FAIL"
+                failures += self._record(study, running.pop(outcome.number), outcome, returns)
                 self._write_results(study, sweep_dir, plots=False)
         except BaseException:
             self._fail_running(study, running)
@@ -445,11 +441,10 @@ class OptunaSweeperImpl:
                 batch = [carried] if carried is not None else []
                 carried = None
                 while len(batch) < self.parallelism and started < todo and failures < self.max_failures:
-                    trial = self._ask(study, space)
+                    trial = self._ask(study, space, sweep_dir)
                     started += 1
                     if trial is None:
                         failures += 1
-                        self._write_results(study, sweep_dir, plots=False)
                         continue
                     running[trial.number] = trial
                     if batch and trial.number != batch[-1].number + 1:
@@ -471,17 +466,21 @@ class OptunaSweeperImpl:
                 except Exception as e:  # a job of the batch died: the launcher gives no result for any
                     returned = time.time()
                     outcomes = [_Outcome(t.number, None, e, submitted, returned) for t in batch]
-                for trial, outcome in zip(batch, outcomes, strict=True):
-                    state = self._tell(study, trial, outcome)
-                    del running[trial.number]
-                    if outcome.job_return is not None:
-                        returns[trial.number] = outcome.job_return
-                    failures += state == "FAIL"
+                for outcome in outcomes:
+                    failures += self._record(study, running.pop(outcome.number), outcome, returns)
                 self._write_results(study, sweep_dir, plots=False)
         except BaseException:
             self._fail_running(study, running)
             raise
         return self._finish(failures, returns)
+
+    def _record(
+        self, study: optuna.Study, trial: optuna.Trial, outcome: _Outcome, returns: dict[int, JobReturn]
+    ) -> bool:
+        """Tells the study how ``trial`` ended and keeps its job return; True when it failed."""
+        if outcome.job_return is not None:
+            returns[outcome.number] = outcome.job_return
+        return self._tell(study, trial, outcome) == "FAIL"
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, outcome: _Outcome) -> str:
         """Records the trial's end in the study; returns the state name."""
