@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from picomaml.bench import _parse, _sync
-from picomaml.meta import MetaConfig, MetaHead, maml_outer_loss, meta_forward, window_features
+from picomaml.meta import InnerLoop, MetaConfig, MetaHead, maml_outer_loss, meta_forward, window_features
 from picomaml.model import PicoDecoder, load_model_config
 
 
@@ -80,10 +80,7 @@ def _bench_order(
 
     def inner_loop() -> None:
         s, q = support.detach().requires_grad_(), query.detach().requires_grad_()
-        loss, _ = maml_outer_loss(
-            head, s, batch["support_labels"], q, batch["query_labels"], cfg.n_way,
-            cfg.inner_steps, cfg.inner_lr, cfg.first_order, head.inner_lrs(),
-        )  # fmt: skip
+        loss, _ = maml_outer_loss(head, s, batch["support_labels"], q, batch["query_labels"], InnerLoop.of(cfg))
         loss.backward()
 
     meta_s = _time(meta_step, warmup, steps, device)

@@ -8,6 +8,7 @@ from torch import nn
 
 from picomaml.meta import (
     MetaConfig,
+    InnerLoop,
     MetaHead,
     adapt_tasks,
     evaluate_episodes,
@@ -43,7 +44,7 @@ def test_second_order_meta_gradient_matches_finite_differences():
 
     def outer(support, query, *_params):
         # gradcheck perturbs the head's parameters in place, so reading them from the head is enough
-        loss, _ = maml_outer_loss(head, support, sy, query, qy, 3, 2, 0.5, False, head.inner_lrs())
+        loss, _ = maml_outer_loss(head, support, sy, query, qy, InnerLoop(3, 2, False))
         return loss
 
     # fast mode compares a random projection of the full Jacobian (numerical vs analytical)
@@ -52,11 +53,11 @@ def test_second_order_meta_gradient_matches_finite_differences():
 
 def test_first_order_drops_exactly_the_second_order_term():
     (s, sy), (q, qy) = _tasks(tasks=1)
-    head = _head()
+    steps, lr = 3, 0.7
+    head = _head(inner_lr=lr)
     s.requires_grad_(True)
     q.requires_grad_(True)
-    steps, lr = 3, 0.7
-    loss, _ = maml_outer_loss(head, s, sy, q, qy, 3, steps, lr, True)
+    loss, _ = maml_outer_loss(head, s, sy, q, qy, InnerLoop(3, steps, True))
     fo_grads = torch.autograd.grad(loss, [s, q, head.log_proto_scale])
 
     # the same computation by hand, each inner gradient taken on detached copies
@@ -76,7 +77,7 @@ def test_first_order_drops_exactly_the_second_order_term():
     for got, want in zip(fo_grads, manual_grads, strict=True):
         torch.testing.assert_close(got, want)
 
-    second, _ = maml_outer_loss(head, s, sy, q, qy, 3, steps, lr, False)
+    second, _ = maml_outer_loss(head, s, sy, q, qy, InnerLoop(3, steps, False))
     torch.testing.assert_close(second, loss)  # same adapted values...
     so_grad = torch.autograd.grad(second, s)[0]
     assert not torch.allclose(so_grad, fo_grads[0])  # ...but second order adds a term
@@ -86,7 +87,7 @@ def test_inner_loop_lowers_support_loss():
     (s, sy), (q, qy) = _tasks(tasks=4, n_way=5, k=4, q=4, dim=16, separation=0.5, dtype=torch.float32)
     for output_init in ("proto", "zeros"):
         head = _head(16, torch.float32, output_init=output_init)
-        _, metrics = maml_outer_loss(head, s, sy, q, qy, 5, 5, 1.0, False)
+        _, metrics = maml_outer_loss(head, s, sy, q, qy, InnerLoop(5, 5, False))
         assert metrics["support_loss_post"] < metrics["support_loss_pre"]
         assert metrics["support_acc_post"] >= metrics["support_acc_pre"]
         assert metrics["inner_grad_norm"] > 0
@@ -95,10 +96,10 @@ def test_inner_loop_lowers_support_loss():
 
 def test_head_is_never_mutated_by_the_inner_loop_or_backward():
     (s, sy), (q, qy) = _tasks(tasks=3, dtype=torch.float32)
-    head = _head(4, torch.float32, head_hidden_dims=[5, 4], learn_inner_lr=True)
+    head = _head(4, torch.float32, head_hidden_dims=[5, 4], learn_inner_lr=True, inner_lr=0.5)
     before = {name: p.detach().clone() for name, p in head.named_parameters()}
     for first_order in (False, True):
-        loss, _ = maml_outer_loss(head, s, sy, q, qy, 3, 4, 0.5, first_order, head.inner_lrs())
+        loss, _ = maml_outer_loss(head, s, sy, q, qy, InnerLoop(3, 4, first_order))
         loss.backward()
     for name, p in head.named_parameters():
         assert torch.equal(p.detach(), before[name]), name
@@ -107,22 +108,38 @@ def test_head_is_never_mutated_by_the_inner_loop_or_backward():
 
 def test_proto_init_is_invariant_to_label_order():
     (s, sy), (q, qy) = _tasks(tasks=1)
-    head = _head(head_hidden_dims=[6])
+    head = _head(head_hidden_dims=[6], inner_lr=0.5)
     perm = torch.tensor([2, 0, 1])
     params = head.task_params(s[0], sy[0], 3)
     permuted = head.task_params(s[0], perm[sy[0]], 3)
     # class k becomes class perm[k]: row perm[k] of the new layer is row k of the old one
     torch.testing.assert_close(permuted["out_weight"][perm], params["out_weight"])
     torch.testing.assert_close(permuted["out_bias"][perm], params["out_bias"])
-    loss, metrics = maml_outer_loss(head, s, sy, q, qy, 3, 3, 0.5, False)
-    loss_p, metrics_p = maml_outer_loss(head, s, perm[sy], q, perm[qy], 3, 3, 0.5, False)
+    loss, metrics = maml_outer_loss(head, s, sy, q, qy, InnerLoop(3, 3, False))
+    loss_p, metrics_p = maml_outer_loss(head, s, perm[sy], q, perm[qy], InnerLoop(3, 3, False))
     torch.testing.assert_close(loss, loss_p)
     assert metrics["query_acc"] == metrics_p["query_acc"]
 
 
+def test_every_inner_step_takes_the_partial_derivative_with_a_hidden_body():
+    # MAML's inner step is SGD on the task's parameters: each tensor moves along the partial derivative
+    # of the support loss, the others held fixed. With a hidden body, the ProtoMAML output layer is a
+    # function of the body; its path must not enter the body's inner gradient at the first step either.
+    (s, sy), (q, qy) = _tasks(tasks=1)
+    head = _head(head_hidden_dims=[5], inner_lr=0.5)
+    start = {name: t.detach().requires_grad_() for name, t in head.task_params(s[0], sy[0], 3).items()}
+    support_loss = F.cross_entropy(head.logits(start, s[0]), sy[0])
+    grads = torch.autograd.grad(support_loss, list(start.values()))
+    adapted = {name: t.detach() - 0.5 * g for (name, t), g in zip(start.items(), grads, strict=True)}
+    want = F.cross_entropy(head.logits(adapted, q[0]), qy[0])
+    for first_order in (False, True):  # validation adapts first order, training second order: same head
+        stats = adapt_tasks(head, s, sy, q, qy, InnerLoop(3, 1, first_order))
+        torch.testing.assert_close(stats["query_loss"][0], want)
+
+
 def test_zero_inner_steps_is_the_prototype_baseline():
     (s, sy), (q, qy) = _tasks(tasks=3)
-    stats = adapt_tasks(_head(), s, sy, q, qy, 3, 0, 0.5, False)
+    stats = adapt_tasks(_head(inner_lr=0.5), s, sy, q, qy, InnerLoop(3, 0, False))
     assert torch.equal(stats["query_acc"], stats["query_acc_no_adapt"])
     assert torch.equal(stats["support_loss_pre"], stats["support_loss_post"])
 
@@ -131,7 +148,7 @@ def test_adaptation_works_without_grad_mode_and_features_without_graph():
     (s, sy), (q, qy) = _tasks(tasks=2, n_way=5, k=4, q=4, dim=16, separation=0.5, dtype=torch.float32)
     head = _head(16, torch.float32)
     with torch.no_grad():  # as in Lightning's validation loop
-        _, metrics = maml_outer_loss(head, s, sy, q, qy, 5, 5, 1.0, False)
+        _, metrics = maml_outer_loss(head, s, sy, q, qy, InnerLoop(5, 5, False))
     assert metrics["support_loss_post"] < metrics["support_loss_pre"]
 
 
@@ -143,7 +160,7 @@ def test_outer_sgd_lowers_the_meta_loss():
     optimizer = torch.optim.SGD([s, q, *head.parameters()], lr=0.05)
     history = []
     for _ in range(10):
-        loss, metrics = maml_outer_loss(head, s, sy, q, qy, 5, 3, 1.0, False)
+        loss, metrics = maml_outer_loss(head, s, sy, q, qy, InnerLoop(5, 3, False))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from picomaml.lit.optim import OptimConfig, build_optimizer
-from picomaml.meta import MetaConfig, MetaHead, adapt_tasks, meta_forward, window_features
+from picomaml.meta import MetaConfig, MetaHead, meta_forward, meta_test_tasks
 from picomaml.model import ModelConfig, PicoDecoder
 from picomaml.model.flops import model_flops_per_token
 
@@ -212,22 +212,8 @@ class PicoLitModule(pl.LightningModule):
 
     def _meta_test_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-task query accuracy on held-out words, after adaptation and with the prototype init only."""
-        cfg = self.meta_config
-        with torch.no_grad():
-            support, query = window_features(self.model.hidden_states, batch, cfg.pooling)
-        stats = adapt_tasks(
-            self.meta_head,
-            support,
-            batch["support_labels"],
-            query,
-            batch["query_labels"],
-            cfg.n_way,
-            cfg.inner_steps,
-            cfg.inner_lr,
-            True,  # no outer backward here, so first order adapts to the same parameters
-            self.meta_head.inner_lrs(),
-        )
-        return {k: stats[k].detach() for k in ("query_acc", "query_acc_no_adapt", "query_loss")}
+        stats = meta_test_tasks(self.model.hidden_states, batch, self.meta_head, self.meta_config)
+        return {k: stats[k] for k in ("query_acc", "query_acc_no_adapt", "query_loss")}
 
     def on_validation_epoch_end(self) -> None:
         totals = torch.tensor([self._val_loss_sum, float(self._val_tokens)], device=self.device)

@@ -8,10 +8,13 @@ Nothing here knows about Lightning. A training step calls :func:`meta_forward` o
 from picomaml.meta.config import MetaConfig
 from picomaml.meta.head import MetaHead
 from picomaml.meta.maml import (
+    InnerLoop,
     adapt_tasks,
+    ci95,
     evaluate_episodes,
     maml_outer_loss,
     meta_forward,
+    meta_test_tasks,
     representations,
     window_features,
 )
@@ -21,14 +24,17 @@ from picomaml.meta.words import WordIndex
 __all__ = [
     "BATCH_KEYS",
     "EpisodeSampler",
+    "InnerLoop",
     "MetaBatchDataset",
     "MetaConfig",
     "MetaHead",
     "WordIndex",
     "adapt_tasks",
+    "ci95",
     "evaluate_episodes",
     "maml_outer_loss",
     "meta_forward",
+    "meta_test_tasks",
     "representations",
     "window_features",
 ]

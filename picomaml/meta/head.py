@@ -49,7 +49,7 @@ class MetaHead(nn.Module):
     Args:
         d_model: width of the backbone features.
         cfg: reads ``head_hidden_dims``, ``head_init``, ``output_init``, ``proto_scale``,
-            ``learn_inner_lr`` and ``inner_lr``.
+            ``learn_inner_lr`` and ``inner_lr`` (the head owns its inner-loop step sizes, fixed or learned).
     """
 
     def __init__(self, d_model: int, cfg: MetaConfig) -> None:
@@ -72,21 +72,30 @@ class MetaHead(nn.Module):
         self.log_proto_scale = (
             nn.Parameter(torch.tensor(math.log(cfg.proto_scale))) if cfg.output_init == "proto" else None
         )
+        self.inner_lr = float(cfg.inner_lr)
         self.log_inner_lr: nn.ParameterDict | None = None
         if cfg.learn_inner_lr:
-            names = [*self.body.keys(), OUTPUT_WEIGHT, OUTPUT_BIAS]
             self.log_inner_lr = nn.ParameterDict(
-                {name: nn.Parameter(torch.tensor(math.log(cfg.inner_lr))) for name in names}
+                {name: nn.Parameter(torch.tensor(math.log(cfg.inner_lr))) for name in self.param_names()}
             )
+
+    def param_names(self) -> list[str]:
+        """Names of the tensors the inner loop adapts: the body's, then the output layer's."""
+        return [*self.body.keys(), OUTPUT_WEIGHT, OUTPUT_BIAS]
+
+    @property
+    def learns_inner_lr(self) -> bool:
+        return self.log_inner_lr is not None
 
     def initial_params(self) -> dict[str, Tensor]:
         """The meta-learned body parameters themselves (not copies): the start of every inner loop."""
         return dict(self.body.items())
 
-    def inner_lrs(self) -> dict[str, Tensor] | None:
-        """Learned inner learning rate per head tensor (Meta-SGD), or None when ``learn_inner_lr`` is off."""
+    def inner_lrs(self) -> dict[str, Tensor | float]:
+        """Inner-loop step size per head tensor: the learned ones (Meta-SGD, differentiable) with
+        ``learn_inner_lr``, else ``inner_lr`` for every tensor."""
         if self.log_inner_lr is None:
-            return None
+            return dict.fromkeys(self.param_names(), self.inner_lr)
         return {name: log_lr.exp() for name, log_lr in self.log_inner_lr.items()}
 
     def features(self, params: dict[str, Tensor], x: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,17 +60,30 @@ def representations(hidden: Tensor, lengths: Tensor, pooling: str) -> Tensor:
     raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
 
 
+@dataclass(frozen=True)
+class InnerLoop:
+    """What one task's adaptation does: ``steps`` SGD steps on the support cross-entropy of an
+    ``n_way`` task, first order (FOMAML) or second order. The step sizes belong to the head
+    (:meth:`MetaHead.inner_lrs`, fixed or learned)."""
+
+    n_way: int
+    steps: int
+    first_order: bool = False
+
+    @classmethod
+    def of(cls, cfg: MetaConfig, first_order: bool | None = None) -> InnerLoop:
+        """The inner loop of ``cfg``; ``first_order`` overrides ``cfg.first_order`` when given."""
+        order = cfg.first_order if first_order is None else first_order
+        return cls(n_way=cfg.n_way, steps=cfg.inner_steps, first_order=order)
+
+
 def maml_outer_loss(
     head: MetaHead,
     support_feats: Tensor,
     support_labels: Tensor,
     query_feats: Tensor,
     query_labels: Tensor,
-    n_way: int,
-    inner_steps: int,
-    inner_lr: float,
-    first_order: bool,
-    learned_lrs: Mapping[str, Tensor] | None = None,
+    inner: InnerLoop,
 ) -> tuple[Tensor, dict[str, float]]:
     """Mean query cross-entropy after inner-loop adaptation, over a batch of T tasks.
 
@@ -78,11 +92,7 @@ def maml_outer_loss(
         support_feats: [T, N*K, D] backbone features of the support windows.
         support_labels: [T, N*K] labels in 0..N-1.
         query_feats, query_labels: [T, N*Q, D] and [T, N*Q].
-        n_way: N.
-        inner_steps: SGD steps on the support loss (0 = ProtoMAML init only).
-        inner_lr: step size, used for every head tensor unless ``learned_lrs`` gives one per tensor.
-        first_order: drop second-order terms (see the module docstring).
-        learned_lrs: per-tensor inner learning rates (``head.inner_lrs()``), differentiable.
+        inner: N, the number of SGD steps on the support loss (0 = ProtoMAML init only) and the order.
 
     Returns:
         The outer loss (a scalar with a graph into the features, the head and the learned lrs) and
@@ -92,18 +102,7 @@ def maml_outer_loss(
         norm of the inner gradient, mean over steps and tasks), ``head_param_norm`` (norm of the initial
         body parameters), ``proto_scale`` (with ``proto`` init) and ``inner_lr_mean`` (with learned lrs).
     """
-    stats = adapt_tasks(
-        head,
-        support_feats,
-        support_labels,
-        query_feats,
-        query_labels,
-        n_way,
-        inner_steps,
-        inner_lr,
-        first_order,
-        learned_lrs,
-    )
+    stats = adapt_tasks(head, support_feats, support_labels, query_feats, query_labels, inner)
     loss = stats.pop("query_loss_graph").mean()
     squares = [(p.detach() ** 2).sum() for p in head.initial_params().values()]
     extra = [torch.sqrt(sum(squares, loss.new_zeros(())))]
@@ -111,8 +110,8 @@ def maml_outer_loss(
     if head.log_proto_scale is not None:
         extra.append(head.log_proto_scale.detach().exp())
         names.append("proto_scale")
-    if learned_lrs is not None:
-        extra.append(torch.stack([lr.detach() for lr in learned_lrs.values()]).mean())
+    if head.learns_inner_lr:
+        extra.append(torch.stack([lr.detach() for lr in head.inner_lrs().values()]).mean())
         names.append("inner_lr_mean")
     values = torch.stack([*(stats[k].mean() for k in METRIC_KEYS), *extra]).tolist()  # one device sync
     return loss, dict(zip(names, values, strict=True))
@@ -124,11 +123,7 @@ def adapt_tasks(
     support_labels: Tensor,
     query_feats: Tensor,
     query_labels: Tensor,
-    n_way: int,
-    inner_steps: int,
-    inner_lr: float,
-    first_order: bool,
-    learned_lrs: Mapping[str, Tensor] | None = None,
+    inner: InnerLoop,
 ) -> dict[str, Tensor]:
     """Adapt the head to each task; per-task tensors [T] for every key of :data:`METRIC_KEYS` (detached)
     plus ``query_loss_graph`` [T], the query losses with their graph (arguments as :func:`maml_outer_loss`).
@@ -137,6 +132,7 @@ def adapt_tasks(
     module's initial parameters, which is what keeps tasks independent.
     """
     device_type = support_feats.device.type
+    lrs = head.inner_lrs()
     with torch.enable_grad(), torch.autocast(device_type, enabled=False):
         per_task = [
             _adapt_one(
@@ -145,11 +141,8 @@ def adapt_tasks(
                 support_labels[t],
                 _fp32(query_feats[t]),
                 query_labels[t],
-                n_way,
-                inner_steps,
-                inner_lr,
-                first_order,
-                learned_lrs,
+                inner,
+                lrs,
             )
             for t in range(support_feats.shape[0])
         ]
@@ -162,17 +155,19 @@ def _adapt_one(
     support_y: Tensor,
     query_x: Tensor,
     query_y: Tensor,
-    n_way: int,
-    inner_steps: int,
-    inner_lr: float,
-    first_order: bool,
-    learned_lrs: Mapping[str, Tensor] | None,
+    inner: InnerLoop,
+    lrs: Mapping[str, Tensor | float],
 ) -> dict[str, Tensor]:
-    initial = head.task_params(support_x, support_y, n_way)
-    params = initial
+    initial = head.task_params(support_x, support_y, inner.n_way)
+    # The ProtoMAML output layer is computed from the body parameters. Every inner step must take the
+    # partial derivative of the support loss with respect to each tensor, holding the others fixed; a
+    # view is a graph node of its own that the output layer was not computed from, so differentiating
+    # with respect to it (rather than the body parameters themselves) leaves out the path through the
+    # prototypes, at the first step as at every later one, while the outer gradient still flows back.
+    params = {name: p.view_as(p) for name, p in initial.items()}
     grad_norms = []
-    for _ in range(inner_steps):
-        if first_order:
+    for _ in range(inner.steps):
+        if inner.first_order:
             current = {name: p.detach().requires_grad_() for name, p in params.items()}
             x = support_x.detach()
         else:
@@ -182,12 +177,9 @@ def _adapt_one(
             }
             x = support_x
         loss = F.cross_entropy(head.logits(current, x), support_y)
-        grads = torch.autograd.grad(loss, list(current.values()), create_graph=not first_order)
+        grads = torch.autograd.grad(loss, list(current.values()), create_graph=not inner.first_order)
         grad_norms.append(torch.sqrt(sum((g.detach() ** 2).sum() for g in grads)))
-        params = {
-            name: p - (learned_lrs[name] if learned_lrs is not None else inner_lr) * g
-            for (name, p), g in zip(params.items(), grads, strict=True)
-        }
+        params = {name: p - lrs[name] * g for (name, p), g in zip(params.items(), grads, strict=True)}
     query_logits = head.logits(params, query_x)
     query_loss = F.cross_entropy(query_logits, query_y)
     with torch.no_grad():
@@ -248,17 +240,34 @@ def meta_forward(
     """
     support_feats, query_feats = window_features(backbone_hidden_fn, batch, cfg.pooling)
     return maml_outer_loss(
+        head, support_feats, batch["support_labels"], query_feats, batch["query_labels"], InnerLoop.of(cfg)
+    )
+
+
+def meta_test_tasks(
+    backbone_hidden_fn: Callable[[Tensor], Tensor],
+    batch: Mapping[str, Tensor],
+    head: MetaHead,
+    cfg: MetaConfig,
+) -> dict[str, Tensor]:
+    """Per-task meta-test statistics [T] of one meta-batch (the keys of :data:`METRIC_KEYS`), detached.
+
+    The backbone runs without grad and the head adapts with grad. The inner loop runs first order: no
+    outer backward follows, and every inner step takes the partial derivative, so the adapted parameters
+    are exactly those of second order. Validation, ``evaluate`` and the benchmarks all score this way.
+    """
+    with torch.no_grad():
+        support_feats, query_feats = window_features(backbone_hidden_fn, batch, cfg.pooling)
+    stats = adapt_tasks(
         head,
         support_feats,
         batch["support_labels"],
         query_feats,
         batch["query_labels"],
-        cfg.n_way,
-        cfg.inner_steps,
-        cfg.inner_lr,
-        cfg.first_order,
-        head.inner_lrs(),
+        InnerLoop.of(cfg, first_order=True),
     )
+    stats.pop("query_loss_graph")
+    return stats
 
 
 def evaluate_episodes(
@@ -272,8 +281,7 @@ def evaluate_episodes(
     """Query accuracy over the tasks of the given episodes, with 95% confidence intervals.
 
     Each task is one sample: mean +- 1.96 * std / sqrt(M) over M tasks (sample std; nan for M < 2).
-    The backbone runs without grad; the inner loop adapts with grad (first order: with no outer backward
-    the adapted parameters are identical to second order's). Returns ``query_acc``, ``query_acc_ci95``,
+    Each task is scored by :func:`meta_test_tasks`. Returns ``query_acc``, ``query_acc_ci95``,
     ``no_adapt_acc`` and ``no_adapt_acc_ci95`` (ProtoMAML init, no inner steps), ``chance`` (1/N) and
     ``tasks`` (M). ``dataset[e]`` is a meta-batch (e.g. a meta-test :class:`MetaBatchDataset`).
     """
@@ -281,34 +289,23 @@ def evaluate_episodes(
     baseline: list[Tensor] = []
     for episode in episodes:
         batch = {k: v.to(device) if device is not None else v for k, v in dataset[episode].items()}
-        with torch.no_grad():
-            support_feats, query_feats = window_features(backbone_hidden_fn, batch, cfg.pooling)
-        stats = adapt_tasks(
-            head,
-            support_feats,
-            batch["support_labels"],
-            query_feats,
-            batch["query_labels"],
-            cfg.n_way,
-            cfg.inner_steps,
-            cfg.inner_lr,
-            True,
-            head.inner_lrs(),
-        )
+        stats = meta_test_tasks(backbone_hidden_fn, batch, head, cfg)
         adapted.append(stats["query_acc"].cpu())
         baseline.append(stats["query_acc_no_adapt"].cpu())
     acc, base = torch.cat(adapted).double(), torch.cat(baseline).double()
     return {
         "query_acc": acc.mean().item(),
-        "query_acc_ci95": _ci95(acc),
+        "query_acc_ci95": ci95(acc),
         "no_adapt_acc": base.mean().item(),
-        "no_adapt_acc_ci95": _ci95(base),
+        "no_adapt_acc_ci95": ci95(base),
         "chance": 1.0 / cfg.n_way,
         "tasks": float(acc.numel()),
     }
 
 
-def _ci95(values: Tensor) -> float:
+def ci95(values: Tensor) -> float:
+    """Half-width of the normal-approximation 95% interval of the mean: 1.96 * sample std / sqrt(M)
+    (nan for M < 2)."""
     if values.numel() < 2:
         return math.nan
-    return (1.96 * values.std() / math.sqrt(values.numel())).item()
+    return (1.96 * values.double().std() / math.sqrt(values.numel())).item()
