@@ -2,8 +2,8 @@
 
 CLI::
 
-    python -m picomaml.analyze outputs/train/runs/demo
-    python -m picomaml.analyze outputs/train/multirun/2026-01-02/10-00-00-ab12cd --prompt "The river"
+    python -m picomaml.analyze path=outputs/train/runs/demo
+    python -m picomaml.analyze path=outputs/train/multirun/2026-01-02/10-00-00-ab12cd prompt="The river"
 
 writes PNGs and ``summary.md`` (embedding them) into ``<dir>/analysis/``. A run is a directory with
 ``training_config.yaml``; a sweep is a directory whose subdirectories are runs (Hydra multirun jobs).
@@ -28,11 +28,9 @@ Per run (file names end in the run's directory name):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +40,10 @@ import torch
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from picomaml.checkpoint import TRAINING_CONFIG, LoadedRun, RunError, load_run
+from picomaml.cli import main_guard, parse_cli_args
 from picomaml.model import ModelConfig, PicoDecoder
 from picomaml.model.pico_decoder import apply_rope, rope_rotations
+from picomaml.runs import TRAINING_CONFIG, LoadedRun, RunError, load_run
 
 DEFAULT_PROMPT = "The history of the city begins with a small village on the river, where"
 
@@ -371,22 +370,33 @@ def _summary(path: Path, runs: Sequence[RunInfo], sections: Sequence[tuple[str, 
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> Path:
-    """CLI entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m picomaml.analyze", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", help="a run directory or a sweep directory of runs")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text for the attention heatmap")
-    parser.add_argument("--layer", type=int, default=0, help="layer of the attention heatmap")
-    parser.add_argument("--head", type=int, default=0, help="query head of the attention heatmap")
-    parser.add_argument("--cka-layer", default="swiglu.w_2", help="module-name suffix for the CKA heatmap")
-    parser.add_argument("--tokens", type=int, default=300, help="frequent tokens drawn in the embedding PCA")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        summary = analyze(args.path, args.prompt, args.layer, args.head, args.cka_layer, args.tokens)
-    except (RunError, ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from err
+@dataclass
+class AnalyzeArgs:
+    """Arguments of ``python -m picomaml.analyze`` (key=value).
+
+    path: a run directory or a sweep directory of runs. prompt: text for the attention heatmap.
+    layer, head: layer and query head of the attention heatmap. cka_layer: module-name suffix for the
+    CKA heatmap. tokens: frequent tokens drawn in the embedding PCA.
+    """
+
+    path: str
+    prompt: str = DEFAULT_PROMPT
+    layer: int = 0
+    head: int = 0
+    cka_layer: str = "swiglu.w_2"
+    tokens: int = 300
+
+
+def _main(argv: list[str]) -> Path:
+    args = parse_cli_args(AnalyzeArgs, argv, "picomaml.analyze")
+    summary = analyze(args.path, args.prompt, args.layer, args.head, args.cka_layer, args.tokens)
     print(f"wrote {summary}")
     return summary
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """CLI entry point (see the module docstring)."""
+    return main_guard(_main, argv)
 
 
 if __name__ == "__main__":

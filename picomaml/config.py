@@ -6,6 +6,7 @@ any training starts, so a typo'd key or an out-of-range value fails with one mes
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 from pathlib import Path
@@ -13,9 +14,12 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# The configs ship inside the package, so an installed wheel composes the same runs as a checkout.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+BASE_OPTION = "base"
 
 
 class ConfigError(ValueError):
@@ -47,6 +51,38 @@ def run_dir_name(run_name: str | None, override_dirname: str) -> str:
 def group_options(group: str) -> list[str]:
     """The names a user can pick in a config group, e.g. `group_options("model")` -> ['11m', ...]."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def base_node(schema: type) -> dict[str, Any]:
+    """A group's `base` option: `_target_` plus every field of the dataclass `schema` at its default.
+
+    The dataclass is the one source of the defaults; the YAML options of the group list `base` first
+    in their defaults and state only what differs, so every key exists (and can be swept) in every
+    option, and an unknown key is still an error.
+    """
+    values = dataclasses.asdict(schema())
+    return {"_target_": f"{schema.__module__}.{schema.__qualname__}", **values}
+
+
+def register_bases(schemas: dict[str, type]) -> None:
+    """Store `<group>/base` in Hydra's ConfigStore for each `group: dataclass` (idempotent)."""
+    store = ConfigStore.instance()
+    for group, schema in schemas.items():
+        store.store(group=group, name=BASE_OPTION, node=base_node(schema))
+
+
+def load_option(group: str, name: str, schema: type, **overrides: Any) -> Any:
+    """`conf/<group>/<name>.yaml` as an instance of `schema`, outside Hydra (as Hydra composes it:
+    the `base` defaults first, then the file, then `overrides`). Raises ValueError for an unknown name."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown {group} config {name!r}; valid names: {', '.join(group_options(group))}")
+    option = OmegaConf.to_container(OmegaConf.load(path))
+    defaults = option.pop("defaults", [])
+    values = base_node(schema) if BASE_OPTION in defaults else {}
+    values.update(option)
+    values.pop("_target_", None)
+    return schema(**{**values, **overrides})
 
 
 def instantiate_section(cfg: DictConfig, key: str, **kwargs: Any) -> Any:

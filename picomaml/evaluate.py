@@ -1,304 +1,30 @@
-"""Evaluate a checkpoint: perplexity two ways, next-token accuracy, and meta-test N-way K-shot accuracy.
-
-CLI (key=value arguments, see :class:`EvalArgs`)::
+"""``python -m picomaml.evaluate``: score a checkpoint, as language model and as meta-learner.
 
     python -m picomaml.evaluate ckpt_path=outputs/train/runs/demo
     python -m picomaml.evaluate ckpt_path=outputs/.../run meta=10way4shot episodes=400 step=2048
 
-writes ``<run>/eval_results/step_<N>.json`` and prints a table.
-
-Language modelling, on the run's validation documents, each scored on its own (``[eos] + document``,
-so every token of the document, its closing eos included, is predicted once; a document longer than
-the context is cut into consecutive windows and the context restarts at each window):
-
-- ``ppl_token_weighted`` = exp(total NLL / total tokens): every token counts the same, so long
-  documents dominate. This is what ``val/ppl`` in training measures (on packed rows).
-- ``ppl_doc_mean`` = mean over documents of exp(document NLL / document tokens): pico-train's (and the
-  HF ``evaluate`` perplexity metric's) "mean perplexity"; every document counts the same, so short,
-  hard documents pull it up. The two differ whenever documents differ in length or difficulty.
-- ``top1_acc`` / ``top5_acc``: teacher-forced next-token accuracy over the same tokens.
-
-Meta-test accuracy: ``episodes`` SMLMT tasks (one task per episode) whose classes are the held-out
-meta-test words (never classes during meta-training), each scored by adapting the head on the support
-set and classifying the query windows. Reported with 95% confidence intervals over tasks:
-``meta_query_acc`` (after the inner loop), ``meta_no_adapt_acc`` (the head's initialisation alone; with
-the ProtoMAML init that is a nearest-prototype classifier on the backbone features) and ``meta_chance``
-(1/N). For an AR-only checkpoint (no trained meta head) the head is a **fresh initialisation** of the
-requested meta config (seeded): the number then measures how well MAML from an untrained head init
-separates held-out words with the backbone's features, which is the baseline a meta-trained run is
-compared against.
-
-:func:`evaluate_light` is the cheap periodic version for the training loop (the run's fixed validation
-micro-batches and a few episodes).
+writes ``<run>/eval_results/step_<N>.json`` and prints a table: perplexities and next-token accuracy on
+the run's validation documents (:mod:`picomaml.eval.lm`) and meta-test N-way K-shot accuracy on held-out
+words (:mod:`picomaml.eval.meta`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
-import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-import yaml
 
-from picomaml.checkpoint import LoadedRun, load_run, main_guard, parse_cli_args
-from picomaml.config import CONF_DIR, group_options
-from picomaml.meta import MetaBatchDataset, MetaConfig, MetaHead, WordIndex, evaluate_episodes
+from picomaml.cli import main_guard, parse_cli_args
+from picomaml.eval.lm import document_batches, evaluate_lm
+from picomaml.eval.meta import eval_meta_config, evaluate_meta, load_meta_config
 from picomaml.model import PicoDecoder
-
-# Fields of MetaConfig that describe the head and the window representation: a trained head is only
-# meaningful with the values it was trained with, whatever episode shape is evaluated.
-_HEAD_FIELDS = (
-    "pooling",
-    "head_hidden_dims",
-    "head_init",
-    "output_init",
-    "proto_scale",
-    "learn_inner_lr",
-)
-# rows of the vocabulary projection evaluated at once: bounds the fp32 [rows, V] logits block
-_LOGIT_ROWS = 1024
-
-
-# --- language modelling -----------------------------------------------------------------------------
-
-
-class LMTotals:
-    """Running sums of token NLL, per document and overall, and of top-1/top-5 hits."""
-
-    def __init__(self) -> None:
-        self.nll = 0.0
-        self.tokens = 0
-        self.top1 = 0
-        self.top5 = 0
-        self.doc_nll: dict[int, float] = {}
-        self.doc_tokens: dict[int, int] = {}
-
-    def add(self, nll: torch.Tensor, doc_ids: torch.Tensor, top1: torch.Tensor, top5: torch.Tensor) -> None:
-        """Add scored tokens: NLL [N] (fp32), their document ids [N], top-1/top-5 hits [N] (bool)."""
-        self.nll += float(nll.double().sum())
-        self.tokens += nll.numel()
-        self.top1 += int(top1.sum())
-        self.top5 += int(top5.sum())
-        docs, inverse = doc_ids.unique(return_inverse=True)
-        sums = torch.zeros(len(docs), dtype=torch.float64, device=nll.device).index_add_(
-            0, inverse, nll.double()
-        )
-        counts = torch.bincount(inverse, minlength=len(docs))
-        for doc, s, c in zip(docs.tolist(), sums.tolist(), counts.tolist(), strict=True):
-            self.doc_nll[doc] = self.doc_nll.get(doc, 0.0) + s
-            self.doc_tokens[doc] = self.doc_tokens.get(doc, 0) + c
-
-    def result(self) -> dict[str, float]:
-        """``loss``, ``ppl_token_weighted``, ``ppl_doc_mean``, ``top1_acc``, ``top5_acc``, counts."""
-        if not self.tokens:
-            raise ValueError("no tokens were scored")
-        loss = self.nll / self.tokens
-        doc_ppl = [math.exp(self.doc_nll[d] / self.doc_tokens[d]) for d in self.doc_nll]
-        return {
-            "loss": loss,
-            "ppl_token_weighted": math.exp(loss),
-            "ppl_doc_mean": float(np.mean(doc_ppl)),
-            "top1_acc": self.top1 / self.tokens,
-            "top5_acc": self.top5 / self.tokens,
-            "n_tokens": float(self.tokens),
-            "n_docs": float(len(doc_ppl)),
-        }
-
-
-@torch.no_grad()
-def score_batch(model: PicoDecoder, tokens: torch.Tensor, doc_ids: torch.Tensor, totals: LMTotals) -> None:
-    """Score one batch ``tokens`` [B, T+1] (inputs ``[:, :-1]``, labels ``[:, 1:]``) into ``totals``.
-
-    ``doc_ids`` [B, T+1] gives the document of every token; a label whose id is negative (padding) is
-    not scored. The logits are formed a block of rows at a time, so memory stays O(rows x V).
-    """
-    labels, label_docs = tokens[:, 1:].flatten(), doc_ids[:, 1:].flatten()
-    hidden = model.hidden_states(tokens[:, :-1]).flatten(0, 1)  # [N, D]
-    keep = label_docs >= 0
-    hidden, labels, label_docs = hidden[keep], labels[keep], label_docs[keep]
-    for start in range(0, labels.numel(), _LOGIT_ROWS):
-        rows = slice(start, start + _LOGIT_ROWS)
-        logits = model.de_embedding_proj(hidden[rows]).float()
-        nll = F.cross_entropy(logits, labels[rows], reduction="none")
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        hit5 = (top5 == labels[rows, None]).any(dim=-1)
-        totals.add(nll, label_docs[rows], top5[:, 0] == labels[rows], hit5)
-
-
-def evaluate_lm(
-    model: PicoDecoder, batches: Iterable[dict[str, torch.Tensor]], device: torch.device | str | None = None
-) -> dict[str, float]:
-    """Perplexities and accuracies over batches of ``{"tokens", "doc_ids"}`` (see :func:`score_batch`).
-
-    Works with the datamodule's packed validation micro-batches (tokens near a document boundary then
-    see the previous document as context) and with :func:`document_batches` (each document alone).
-    """
-    device = next(model.parameters()).device if device is None else torch.device(device)
-    totals = LMTotals()
-    for batch in batches:
-        score_batch(model, batch["tokens"].to(device), batch["doc_ids"].to(device), totals)
-    return totals.result()
-
-
-def document_batches(
-    documents: Iterable[tuple[int, np.ndarray]],
-    seq_len: int,
-    batch_size: int,
-    bos_id: int,
-    pad_id: int,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches that score each ``(doc_id, tokens)`` document on its own.
-
-    A document becomes ``[bos_id] + tokens`` (GPT-2 style: the end-of-text token opens a document, as it
-    does in packed training data) cut into windows of ``seq_len + 1`` tokens that overlap by one, so every
-    document token is a label exactly once. Windows are right-padded with ``pad_id``; padding and the
-    leading bos carry doc id -1 and are never scored.
-    """
-    rows: list[np.ndarray] = []
-    ids: list[np.ndarray] = []
-
-    def flush() -> dict[str, torch.Tensor]:
-        batch = {"tokens": torch.from_numpy(np.stack(rows)), "doc_ids": torch.from_numpy(np.stack(ids))}
-        rows.clear()
-        ids.clear()
-        return batch
-
-    for doc_id, tokens in documents:
-        seq = np.concatenate([[bos_id], np.asarray(tokens, dtype=np.int64)])
-        owner = np.full(seq.size, doc_id, dtype=np.int64)
-        owner[0] = -1
-        for start in range(0, seq.size - 1, seq_len):
-            window = seq[start : start + seq_len + 1]
-            row = np.full(seq_len + 1, pad_id, dtype=np.int64)
-            row_ids = np.full(seq_len + 1, -1, dtype=np.int64)
-            row[: window.size] = window
-            row_ids[: window.size] = owner[start : start + window.size]
-            rows.append(row)
-            ids.append(row_ids)
-            if len(rows) == batch_size:
-                yield flush()
-    if rows:
-        yield flush()
-
-
-# --- meta-test ----------------------------------------------------------------------------------------
-
-
-def load_meta_config(name: str, **overrides: Any) -> MetaConfig:
-    """The :class:`MetaConfig` of ``conf/meta/<name>.yaml`` with fields replaced by ``overrides``."""
-    path = CONF_DIR / "meta" / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown meta config {name!r}; valid names: {', '.join(group_options('meta'))}")
-    values = yaml.safe_load(path.read_text())
-    values.pop("_target_", None)
-    return MetaConfig(**{**values, **overrides})
-
-
-def eval_meta_config(requested: MetaConfig, trained: MetaConfig | None) -> MetaConfig:
-    """The config episodes are evaluated with: one task per episode (so M episodes = M tasks, one CI
-    sample each), the requested episode shape and inner loop, and a trained head's own representation
-    and architecture fields (:data:`_HEAD_FIELDS`)."""
-    head_fields = {k: getattr(trained, k) for k in _HEAD_FIELDS} if trained is not None else {}
-    return dataclasses.replace(requested, tasks_per_step=1, enabled=True, **head_fields)
-
-
-def meta_test_dataset(datamodule: Any, cfg: MetaConfig, seed: int) -> MetaBatchDataset:
-    """Meta-test episodes over the word index of the first ``cfg.buffer_tokens`` training tokens.
-
-    The index covers the same text as meta-training's; the held-out words (``meta_test_fraction`` of the
-    eligible word types, chosen by a hash of ``split_seed``) are the classes. Raises ValueError when the
-    corpus has too few held-out words for ``n_way`` classes.
-    """
-    stream = datamodule.train_token_stream(cfg.buffer_tokens)
-    index = WordIndex.build(stream.tokens, datamodule.tokenizer, cfg)
-    return MetaBatchDataset(index, cfg, seed, meta_test=True)
-
-
-def evaluate_meta(
-    model: PicoDecoder,
-    head: MetaHead | None,
-    dataset: MetaBatchDataset,
-    cfg: MetaConfig,
-    episodes: int,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Meta-test accuracy over ``episodes`` episodes, as ``meta_*`` keys; ``head=None`` uses a fresh
-    :class:`MetaHead` of ``cfg`` initialised from ``seed`` (the global RNG is left untouched)."""
-    device = next(model.parameters()).device
-    if head is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            head = MetaHead(model.config.d_model, cfg)
-    head = head.to(device)
-    with torch.enable_grad():  # the inner loop differentiates the head's support loss
-        stats = evaluate_episodes(model.hidden_states, dataset, head, cfg, range(episodes), device=device)
-    return {f"meta_{k}": v for k, v in stats.items()}
-
-
-# --- periodic evaluation during training -----------------------------------------------------------------
-
-_META_DATASETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def evaluate_light(
-    module: Any,
-    datamodule: Any,
-    meta_config: MetaConfig | None = None,
-    episodes: int = 20,
-    max_val_batches: int | None = None,
-    seed: int = 0,
-) -> dict[str, float]:
-    """A cheap evaluation the training loop can run every few hundred steps (on one rank).
-
-    Perplexities and accuracies (:func:`evaluate_lm`) on the datamodule's fixed validation micro-batches
-    (the first ``max_val_batches``, default all), plus meta-test accuracy over ``episodes`` episodes. The
-    meta config is ``meta_config`` if given, else ``module.hparams["meta_config"]``; with neither, no
-    meta-test keys are returned. The head is ``module.meta_head`` when the module has one, else a fresh
-    seeded init (see the module docstring). The meta-test index is built once per datamodule and config.
-
-    It leaves the training state alone: no optimizer, RNG or ``.grad`` is touched (the inner loop takes
-    gradients of the head with ``torch.autograd.grad`` only), and the model's train/eval mode is restored.
-    Call it outside ``torch.inference_mode`` (e.g. from a training-batch hook; picomaml's Trainer runs
-    with ``inference_mode=False``), since the inner loop needs autograd.
-    """
-    model: PicoDecoder = module.model
-    was_training = model.training
-    model.eval()
-    try:
-        batches = datamodule.val_batches_list()[:max_val_batches]
-        results = evaluate_lm(model, batches) if batches else {}
-        if meta_config is None and "meta_config" in getattr(module, "hparams", {}):
-            meta_config = MetaConfig(**dict(module.hparams["meta_config"]))
-        if meta_config is not None and episodes > 0:
-            head = getattr(module, "meta_head", None)
-            cfg = eval_meta_config(meta_config, meta_config if head is not None else None)
-            per_module = _META_DATASETS.setdefault(datamodule, {})
-            key = (repr(cfg), seed)  # the dataclass repr lists every field
-            if key not in per_module:
-                per_module[key] = meta_test_dataset(datamodule, cfg, seed)
-            was_head_training = head.training if head is not None else False
-            if head is not None:
-                head.eval()
-            try:
-                results.update(evaluate_meta(model, head, per_module[key], cfg, episodes, seed))
-            finally:
-                if head is not None:
-                    head.train(was_head_training)
-        return results
-    finally:
-        model.train(was_training)
-
-
-# --- CLI ---------------------------------------------------------------------------------------------------
+from picomaml.runs import LoadedRun, load_run
 
 
 @dataclass
@@ -380,7 +106,7 @@ def _evaluate_run_meta(run: LoadedRun, model: PicoDecoder, datamodule: Any, args
         "meta_head": "trained" if run.meta_head is not None else "fresh init (AR-only checkpoint)",
     }
     try:
-        dataset = meta_test_dataset(datamodule, cfg, args.seed)
+        dataset = datamodule.meta_test_dataset(cfg, args.seed)
     except ValueError as err:  # e.g. a synthetic corpus of number words: too few held-out words
         print(f"warning: meta-test skipped: {err}", file=sys.stderr)
         return {**info, "meta_skipped": str(err)}

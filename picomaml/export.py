@@ -1,210 +1,42 @@
-"""Export a pico-decoder as a plain Hugging Face ``LlamaForCausalLM`` directory, and load one back.
+"""``python -m picomaml.export``: write a checkpoint as a plain Hugging Face ``LlamaForCausalLM`` directory.
 
-The architectures are the same except for RoPE's layout: pico rotates interleaved pairs
-(elements 2i, 2i+1 of a head), Llama rotates halves (elements i, i + E/2). Reordering the rows of
-``q_proj`` and ``k_proj`` within each head (evens first, then odds) turns one into the other; attention
-scores only depend on q.k, which is invariant to applying the same permutation to q and k, and the
-values are untouched, so logits match.
+    python -m picomaml.export ckpt_path=outputs/train/runs/<run> out=hf_model/
+    python -m picomaml.export ckpt_path=<run>/checkpoints/step_64 out=hf_step64/ tokenizer=none
+    python -m picomaml.export ckpt_path=state_dict.pt preset=11m out=hf_model/
 
-CLI::
-
-    python -m picomaml.export last.ckpt out_dir            # Lightning checkpoint with model_config
-    python -m picomaml.export state_dict.pt out_dir --preset 11m [--tokenizer TOKENIZER_DIR]
+The conversion (q/k rows reordered for Llama's half-rotation RoPE; logits match) is
+:mod:`picomaml.model.hf`; reading the checkpoint is :mod:`picomaml.runs`.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
+from picomaml.cli import main_guard, parse_cli_args
 from picomaml.data.tokenizer import TOKENIZER_NAMES, load_tokenizer
-from picomaml.model import ModelConfig, PicoDecoder, load_model_config
-
-# pico name (per layer, after "layers.{i}.") -> Llama name (after "model.layers.{i}.")
-_LAYER_NAMES = {
-    "attention_norm.weight": "input_layernorm.weight",
-    "attention.q_proj.weight": "self_attn.q_proj.weight",
-    "attention.k_proj.weight": "self_attn.k_proj.weight",
-    "attention.v_proj.weight": "self_attn.v_proj.weight",
-    "attention.o_proj.weight": "self_attn.o_proj.weight",
-    "swiglu_norm.weight": "post_attention_layernorm.weight",
-    "swiglu.w_0.weight": "mlp.gate_proj.weight",
-    "swiglu.w_1.weight": "mlp.up_proj.weight",
-    "swiglu.w_2.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_NAMES = {
-    "embedding_proj.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "de_embedding_proj.weight": "lm_head.weight",
-}
+from picomaml.model.hf import export_to_hf
+from picomaml.runs import load_model
 
 
-def _rope_rows(weight: torch.Tensor, head_dim: int, to_half: bool) -> torch.Tensor:
-    """Reorder the output rows of a q/k projection [heads * E, D] within each head.
+@dataclass
+class ExportArgs:
+    """Arguments of ``python -m picomaml.export`` (key=value).
 
-    ``to_half``: interleaved (pico) -> half-rotation (Llama), i.e. new row j of a head is old row
-    ``perm[j]`` with perm = [0, 2, 4, ..., 1, 3, 5, ...]; otherwise the inverse.
+    ckpt_path: a run dir, a checkpoints/step_N dir, a .ckpt file, or a plain state_dict file (then
+    give preset); a run dir exports its last checkpoint. out: the directory to write.
+    preset: model size (conf/model) of a plain state_dict. tokenizer: saved alongside: a picomaml name
+    (gpt2, olmo), a tokenizer directory, or none.
     """
-    perm = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-    if not to_half:
-        perm = torch.argsort(perm)
-    heads = weight.view(-1, head_dim, weight.shape[-1])
-    return heads[:, perm].reshape(weight.shape).contiguous()
+
+    ckpt_path: str
+    out: str
+    preset: str | None = None
+    tokenizer: str = "gpt2"
 
 
-def to_llama_state_dict(model: PicoDecoder) -> dict[str, torch.Tensor]:
-    """pico state_dict -> ``LlamaForCausalLM`` state_dict (q/k rows permuted for half-rotation RoPE)."""
-    return llama_state_dict(model.state_dict(), model.config)
-
-
-def llama_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """A pico-decoder ``state_dict`` (pico's names, no prefix) under ``LlamaForCausalLM``'s names."""
-    out = {}
-    for name, tensor in state.items():
-        if name in _GLOBAL_NAMES:
-            out[_GLOBAL_NAMES[name]] = tensor.detach().contiguous()
-            continue
-        _, idx, rest = name.split(".", 2)
-        if rest in ("attention.q_proj.weight", "attention.k_proj.weight"):
-            tensor = _rope_rows(tensor, config.head_dim, to_half=True)
-        out[f"model.layers.{idx}.{_LAYER_NAMES[rest]}"] = tensor.detach().contiguous()
-    return out
-
-
-def llama_config(config: ModelConfig, dtype: torch.dtype = torch.float32, tokenizer=None) -> dict:
-    """The ``config.json`` of the exported ``LlamaForCausalLM``."""
-    special = {}
-    if tokenizer is not None:
-        special = {
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": config.d_model,
-        "intermediate_size": config.activation_hidden_dim,
-        "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.attention_n_heads,
-        "num_key_value_heads": config.attention_n_kv_heads,
-        "head_dim": config.head_dim,
-        "vocab_size": config.vocab_size,
-        "max_position_embeddings": config.max_seq_len,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.position_emb_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.position_emb_theta},
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
-        "initializer_range": 0.02,
-        "dtype": str(dtype).removeprefix("torch."),
-        **special,
-    }
-
-
-def export_to_hf(model: PicoDecoder, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write ``config.json``, ``model.safetensors`` (and the tokenizer's files when given) to ``out_dir``.
-
-    ``AutoModelForCausalLM.from_pretrained(out_dir)`` then loads it without ``trust_remote_code``.
-    Weights keep the model's dtype.
-    """
-    return export_state_to_hf(model.state_dict(), model.config, out_dir, tokenizer)
-
-
-def export_state_to_hf(
-    state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path, tokenizer=None
-) -> Path:
-    """:func:`export_to_hf` from a pico-decoder ``state_dict`` (e.g. a checkpoint's, without a model)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = state["embedding_proj.weight"].dtype
-    weights = {k: v.cpu() for k, v in llama_state_dict(state, config).items()}
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(llama_config(config, dtype, tokenizer), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
-
-
-def load_from_hf(hf_dir: str | Path) -> PicoDecoder:
-    """Inverse of :func:`export_to_hf`: a ``LlamaForCausalLM`` directory -> :class:`PicoDecoder`."""
-    hf_dir = Path(hf_dir)
-    hf = json.loads((hf_dir / "config.json").read_text())
-    theta = hf.get("rope_parameters", {}).get("rope_theta", hf.get("rope_theta", 10000.0))
-    config = ModelConfig(
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        attention_n_heads=hf["num_attention_heads"],
-        attention_n_kv_heads=hf["num_key_value_heads"],
-        activation_hidden_dim=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
-        max_seq_len=hf["max_position_embeddings"],
-        norm_eps=hf["rms_norm_eps"],
-        position_emb_theta=float(theta),
-    )
-    llama = load_file(hf_dir / "model.safetensors")
-    from_llama = {v: k for k, v in _GLOBAL_NAMES.items()}
-    from_layer = {v: k for k, v in _LAYER_NAMES.items()}
-    state = {}
-    for name, tensor in llama.items():
-        if name in from_llama:
-            state[from_llama[name]] = tensor
-            continue
-        _, _, idx, rest = name.split(".", 3)
-        pico_name = from_layer[rest]
-        if pico_name in ("attention.q_proj.weight", "attention.k_proj.weight"):
-            tensor = _rope_rows(tensor, config.head_dim, to_half=False)
-        state[f"layers.{idx}.{pico_name}"] = tensor
-    with torch.device("meta"):
-        model = PicoDecoder(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
-
-
-def load_checkpoint(path: str | Path, preset: str | None = None) -> PicoDecoder:
-    """A :class:`PicoDecoder` from a Lightning ``.ckpt`` (``model.``-prefixed ``state_dict``, config in
-    ``hyper_parameters['model_config']``) or a plain state_dict file (then ``preset`` is required)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    config = None
-    if isinstance(ckpt, dict) and "state_dict" in ckpt:
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        saved = (ckpt.get("hyper_parameters") or {}).get("model_config")
-        if isinstance(saved, ModelConfig):
-            config = saved
-        elif saved is not None:
-            fields = {f.name for f in dataclasses.fields(ModelConfig)}
-            config = ModelConfig(**{k: v for k, v in dict(saved).items() if k in fields})
-    else:
-        state = ckpt
-    if config is None:
-        if preset is None:
-            raise ValueError(f"{path}: no model_config in the checkpoint; pass --preset NAME")
-        config = load_model_config(preset)
-    model = PicoDecoder(config)
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Export a pico-decoder checkpoint as a HF LlamaForCausalLM.")
-    parser.add_argument("checkpoint", help="Lightning .ckpt or a state_dict .pt")
-    parser.add_argument("out_dir")
-    parser.add_argument("--preset", help="model preset (conf/model/<name>.yaml) when the file has no config")
-    parser.add_argument(
-        "--tokenizer",
-        default="gpt2",
-        help="tokenizer saved alongside: a picomaml name (gpt2, olmo), a tokenizer directory, or 'none'",
-    )
-    args = parser.parse_args(argv)
-
+def _main(argv: list[str]) -> Path:
+    args = parse_cli_args(ExportArgs, argv, "picomaml.export")
     tokenizer = None
     if args.tokenizer in TOKENIZER_NAMES:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -212,8 +44,14 @@ def main(argv: list[str] | None = None) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    out = export_to_hf(load_checkpoint(args.checkpoint, args.preset), args.out_dir, tokenizer)
+    out = export_to_hf(load_model(args.ckpt_path, args.preset), args.out, tokenizer)
     print(f"wrote {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """CLI entry point (see the module docstring)."""
+    return main_guard(_main, argv)
 
 
 if __name__ == "__main__":

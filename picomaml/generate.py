@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from picomaml.checkpoint import load_run, main_guard, parse_cli_args
+from picomaml.cli import main_guard, parse_cli_args
 from picomaml.model import KVCache, PicoDecoder
+from picomaml.runs import load_run
 
 
 def check_context(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> None:

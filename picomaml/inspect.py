@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.tree import Tree
 from torch import nn
 
-from picomaml.checkpoint import parse_cli_args
+from picomaml.cli import parse_cli_args
 from picomaml.model import PicoDecoder, load_model_config, model_flops_per_token
 
 

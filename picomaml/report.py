@@ -1,6 +1,6 @@
 """One table and one figure for a whole multirun (a grid sweep or an optuna sweep).
 
-    python -m picomaml.report <sweep_dir> [--group-by KEY] [--metric val/loss] [--out DIR]
+    python -m picomaml.report sweep_dir=<dir> [group_by=KEY] [metric=val/loss] [out=DIR]
 
 Every job dir of the sweep (a dir holding ``.hydra/overrides.yaml``) becomes one row:
 
@@ -18,13 +18,12 @@ Every job dir of the sweep (a dir holding ``.hydra/overrides.yaml``) becomes one
   (searched anywhere under the job dir; the ``version_N`` dirs of a resumed run are read in order).
 
 It writes ``report.csv``, ``report.md`` (the table plus per-group summaries) and ``curves.png``
-(``--metric`` against step for every job, one color per value of ``--group-by``) to ``--out``
+(``metric`` against step for every job, one color per value of ``group_by``) to ``out``
 (default: the sweep dir).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from picomaml.cli import main_guard, parse_cli_args
 
 # overrides added by the optuna sweeper for the trial reporter; not hyperparameters
 SWEEP_OVERRIDE = re.compile(r"^\+{0,2}sweep\.")
@@ -272,22 +273,36 @@ def write_report(
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m picomaml.report <sweep_dir> [--group-by KEY] [--metric M] [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog="python -m picomaml.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="a multirun dir (holds one dir per job)")
-    parser.add_argument("--group-by", help="config key to group curves and summaries by, e.g. model")
-    parser.add_argument("--metric", default="val/loss", help="metrics.csv column to plot (default val/loss)")
-    parser.add_argument("--out", type=Path, help="where to write the report (default: the sweep dir)")
-    args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        parser.error(f"{args.sweep_dir} is not a directory")
-    try:
-        written = write_report(args.sweep_dir, args.group_by, args.metric, args.out)
-    except FileNotFoundError as e:
-        parser.error(str(e))
+@dataclass
+class ReportArgs:
+    """Arguments of ``python -m picomaml.report`` (key=value).
+
+    sweep_dir: a multirun dir (holds one dir per job). group_by: config key to group curves and
+    summaries by, e.g. model. metric: metrics.csv column to plot. out: where to write the report
+    (default: the sweep dir).
+    """
+
+    sweep_dir: str
+    group_by: str | None = None
+    metric: str = "val/loss"
+    out: str | None = None
+
+
+def _main(argv: list[str]) -> dict[str, Path]:
+    args = parse_cli_args(ReportArgs, argv, "picomaml.report")
+    if not Path(args.sweep_dir).is_dir():
+        raise FileNotFoundError(f"sweep_dir={args.sweep_dir} is not a directory")
+    written = write_report(
+        Path(args.sweep_dir), args.group_by, args.metric, Path(args.out) if args.out else None
+    )
     for path in written.values():
         print(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> dict[str, Path]:
+    """CLI entry point (see the module docstring)."""
+    return main_guard(_main, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from picomaml.config import (
     ConfigError,
     instantiate_section,
+    register_bases,
     register_resolvers,
     resolve_precision,
 )
 from picomaml.lit.checkpoint_io import AtomicCheckpointIO
-from picomaml.lit.checkpointing import CHECKPOINT_FILE, LAST_FILE, StepCheckpoints
+from picomaml.lit.checkpointing import StepCheckpoints
 from picomaml.lit.dynamics import LearningDynamics, match_modules
 from picomaml.lit.loggers import ResumableCSVLogger
 from picomaml.lit.module import PicoLitModule
@@ -42,11 +43,15 @@ from picomaml.lit.optim import OptimConfig
 from picomaml.lit.slurm import preemption_callbacks, submitit_plugins
 from picomaml.meta import MetaConfig
 from picomaml.model import ModelConfig
+from picomaml.runs import check_architecture, resume_checkpoint
 from picomaml.sweep import trial_reporter
 from picomaml.utils.config_tree import print_config_tree
 
 log = logging.getLogger(__name__)
+# the `base` option of these groups is the dataclass at its defaults (see picomaml.config.base_node)
+CONFIG_SCHEMAS = {"meta": MetaConfig, "optim": OptimConfig}
 register_resolvers()
+register_bases(CONFIG_SCHEMAS)
 
 
 @dataclass
@@ -80,8 +85,8 @@ def prepare_run(cfg: DictConfig) -> RunPlan:
             f"trainer.max_steps must be a positive number of steps, got {cfg.trainer.max_steps}"
         )
 
-    resume_from = find_resume_checkpoint(cfg, output_dir)
-    resume_step = None if resume_from is None else check_checkpoint_architecture(resume_from, model_config)
+    resume_from = resume_checkpoint(cfg.ckpt_path, output_dir)
+    resume_step = None if resume_from is None else check_architecture(resume_from, model_config)
 
     if meta.enabled:
         try:
@@ -98,68 +103,6 @@ def prepare_run(cfg: DictConfig) -> RunPlan:
             except ValueError as err:
                 raise ConfigError(str(err)) from err
     return RunPlan(output_dir, module, datamodule, trainer, resume_from)
-
-
-def find_resume_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from: `ckpt_path` if given, else this run dir's own `last.ckpt`.
-
-    A run dir that already holds a run but no checkpoint is refused rather than silently overwritten.
-    """
-    if cfg.ckpt_path:
-        path = Path(cfg.ckpt_path)
-        if path.is_dir():
-            # a step directory (checkpoints/step_<N>, checkpoints/latest) or a run dir
-            in_step = (path / CHECKPOINT_FILE).is_file()
-            path = path / CHECKPOINT_FILE if in_step else path / "checkpoints" / LAST_FILE
-        if not path.is_file():
-            raise ConfigError(
-                f"ckpt_path={cfg.ckpt_path}: no checkpoint file at {path} (give a .ckpt file, a run dir "
-                "with checkpoints/last.ckpt, or a checkpoints/step_<N> directory)"
-            )
-        return path
-    last = output_dir / "checkpoints" / LAST_FILE
-    if last.is_file():
-        return last
-    leftovers = [p for p in ("checkpoints", "csv", "tensorboard") if (output_dir / p).exists()]
-    if (output_dir / "result.json").exists() and not _failed_before_training(output_dir / "result.json"):
-        leftovers.append("result.json")
-    if leftovers:
-        raise ConfigError(
-            f"output dir {output_dir} already holds a run ({', '.join(leftovers)}) but no "
-            "checkpoints/last.ckpt to resume from; pick another run_name or move that directory away"
-        )
-    return None
-
-
-def _failed_before_training(result_file: Path) -> bool:
-    """A result.json of a job that stopped before training (a config error): nothing to protect."""
-    try:
-        result = json.loads(result_file.read_text())
-    except (OSError, ValueError):
-        return False
-    return result.get("status") == "failed" and "global_step" not in result
-
-
-def check_checkpoint_architecture(path: Path, model_config: ModelConfig) -> int:
-    """Refuse a checkpoint of another architecture with the differing keys, not a state_dict dump.
-
-    Returns the checkpoint's global step (read here so the file is opened once).
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        raise ConfigError(
-            f"checkpoint {path} cannot be read ({err}); it is corrupt or not a checkpoint"
-        ) from err
-    saved = checkpoint.get("hyper_parameters", {}).get("model_config")
-    if saved is None:
-        raise ConfigError(f"checkpoint {path} is not a picomaml checkpoint (no model_config inside)")
-    wanted = asdict(model_config)
-    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
-    if diff:
-        lines = ", ".join(f"model.{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
-        raise ConfigError(f"checkpoint {path} is from a different architecture ({lines})")
-    return int(checkpoint["global_step"])
 
 
 def build_trainer(
@@ -314,7 +257,7 @@ def _finish_wandb() -> None:
         sys.modules["wandb"].finish()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)["metric"]

@@ -10,13 +10,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from picomaml.config import CONF_DIR, register_resolvers
+from picomaml.config import CONF_DIR, register_bases, register_resolvers
+from picomaml.train import CONFIG_SCHEMAS
 
 # Tests never touch the network; wandb stays off unless a test turns it on.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 register_resolvers()
+register_bases(CONFIG_SCHEMAS)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from tests.test_dynamics import sweep_dir  # noqa: F401  (session fixture: the t
 
 
 def test_every_figure_is_written_for_a_sweep(sweep_dir: Path) -> None:  # noqa: F811
-    summary = main([str(sweep_dir), "--prompt", "Kalo mitsu renka dorpel", "--layer", "1", "--head", "2"])
+    summary = main([f"path={sweep_dir}", "prompt=Kalo mitsu renka dorpel", "layer=1", "head=2"])
     out = sweep_dir / "analysis"
     figures = [
         "loss_curves",
@@ -36,10 +36,10 @@ def test_every_figure_is_written_for_a_sweep(sweep_dir: Path) -> None:  # noqa: 
 
 
 def test_a_single_run_and_a_non_run(sweep_dir: Path, tmp_path: Path) -> None:  # noqa: F811
-    main([str(sweep_dir / "0")])
+    main([f"path={sweep_dir / '0'}"])
     assert (sweep_dir / "0" / "analysis" / "cka_0.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="is not a picomaml run or sweep"):
-        main([str(tmp_path)])
+        main([f"path={tmp_path}"])
 
 
 def test_linear_cka_is_invariant_to_rotation_and_scale() -> None:

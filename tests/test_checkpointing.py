@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from picomaml.checkpoint import load_run
 from picomaml.config import ConfigError
 from picomaml.meta import meta_forward
+from picomaml.runs import load_run
 from picomaml.train import prepare_run, train
 from tests.conftest import FAST, compose_train
 from tests.test_hybrid import META

@@ -11,9 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from picomaml.checkpoint import RunError, load_run
-from picomaml.evaluate import document_batches, evaluate_light, evaluate_lm, load_meta_config, main
+from picomaml.eval.light import evaluate_light
+from picomaml.eval.lm import document_batches, evaluate_lm
+from picomaml.eval.meta import load_meta_config
+from picomaml.evaluate import main
 from picomaml.model import ModelConfig, PicoDecoder
+from picomaml.runs import RunError, load_run
 from tests.test_dynamics import sweep_dir  # noqa: F401  (session fixture: the tiny runs)
 
 BOS, PAD = 0, 63

@@ -10,14 +10,16 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from picomaml.export import export_to_hf, load_checkpoint, load_from_hf, main
-from picomaml.model import PicoDecoder
+from picomaml.export import main
+from picomaml.model import PicoDecoder, load_model_config
+from picomaml.model.hf import export_to_hf, load_from_hf
+from picomaml.runs import load_model
 
 
 @pytest.fixture(scope="module")
 def model() -> PicoDecoder:
     torch.manual_seed(0)
-    model = PicoDecoder.from_preset("tiny").eval()
+    model = PicoDecoder(load_model_config("tiny")).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):  # not all ones, so a swapped or dropped norm would show
@@ -63,14 +65,14 @@ def test_cli_exports_lightning_checkpoint(model: PicoDecoder, tmp_path: Path) ->
         },
         ckpt,
     )
-    main([str(ckpt), str(tmp_path / "hf")])
+    main([f"ckpt_path={ckpt}", f"out={tmp_path / 'hf'}"])
     assert torch.equal(load_from_hf(tmp_path / "hf").de_embedding_proj.weight, model.de_embedding_proj.weight)
 
     plain = tmp_path / "state_dict.pt"
     torch.save(model.state_dict(), plain)
-    with pytest.raises(ValueError, match="--preset"):
-        load_checkpoint(plain)
-    assert load_checkpoint(plain, preset="tiny").config == model.config
+    with pytest.raises(ValueError, match="preset="):
+        load_model(plain)
+    assert load_model(plain, preset="tiny").config == model.config
 
 
 def test_export_saves_the_tokenizer(model: PicoDecoder, tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from picomaml.meta import (
-    MetaConfig,
     InnerLoop,
+    MetaConfig,
     MetaHead,
     adapt_tasks,
     evaluate_episodes,

@@ -19,7 +19,7 @@ from picomaml.model import (
 @pytest.fixture(scope="module")
 def tiny() -> PicoDecoder:
     torch.manual_seed(0)
-    model = PicoDecoder.from_preset("tiny").eval()
+    model = PicoDecoder(load_model_config("tiny")).eval()
     with torch.no_grad():  # non-trivial norms so a mix-up between norms would show
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -37,7 +37,7 @@ def _tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 )
 def test_preset_parameter_counts(name: str, expected: int) -> None:
     with torch.device("meta"):
-        model = PicoDecoder.from_preset(name)
+        model = PicoDecoder(load_model_config(name))
     assert model.num_parameters() == expected
     config = model.config
     assert (config.n_layers, config.attention_n_heads, config.attention_n_kv_heads) == (12, 12, 4)

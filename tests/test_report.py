@@ -32,7 +32,7 @@ def grid_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_report_gathers_every_job(grid_sweep: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    main([str(grid_sweep), "--group-by", "model", "--out", str(out)])
+    main([f"sweep_dir={grid_sweep}", "group_by=model", f"out={out}"])
     with (out / "report.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["job"]) for r in rows] == [0, 1, 2, 3]
@@ -70,4 +70,4 @@ def test_report_status_without_result_json(grid_sweep: Path, tmp_path: Path) -> 
 
 def test_report_rejects_a_dir_without_jobs(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
-        main([str(tmp_path)])
+        main([f"sweep_dir={tmp_path}"])

@@ -283,7 +283,7 @@ def test_optuna_study_of_real_trainings(tmp_path: Path, cache_dir: Path) -> None
             "optim.lr=tag(log, interval(1e-4, 3e-3))",
             *META,
             *SHORT,
-            "+callbacks.trial_clock._target_=picomaml.bench_sweep.TrialClock",
+            "+callbacks.trial_clock._target_=picomaml.bench.sweep.TrialClock",
             "+callbacks.trial_clock.trial=${sweep.trial_number}",
             "+callbacks.trial_clock.slow_trials=[0]",
             f"+callbacks.trial_clock.slow_step_s={SLOW_STEP_S}",

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from picomaml.config import CONF_DIR
 from picomaml.data.tokenizer import load_tokenizer
 from picomaml.meta import BATCH_KEYS, EpisodeSampler, MetaBatchDataset, MetaConfig, WordIndex
 from picomaml.meta.words import ENGLISH_STOP_WORDS, split_is_meta_test
+from tests.conftest import compose_train
 
-CONF_META = Path(__file__).resolve().parents[1] / "conf" / "meta"
+CONF_META = CONF_DIR / "meta"
 CORPUS_TOKENS = 300_000
 CFG = MetaConfig(n_way=5, k_shot=4, q_query=4, tasks_per_step=3, window_len=64, buffer_tokens=CORPUS_TOKENS)
 
@@ -76,8 +77,10 @@ def test_config_rejects_bad_values_naming_the_key(override, names):
         assert name in str(err.value)
 
 
-def test_config_yamls_instantiate():
-    configs = {p.stem: instantiate(OmegaConf.load(p)) for p in sorted(CONF_META.glob("*.yaml"))}
+def test_config_yamls_instantiate(tmp_path: Path):
+    # as Hydra composes them: each option extends `base` (MetaConfig's defaults)
+    names = sorted(p.stem for p in CONF_META.glob("*.yaml"))
+    configs = {n: instantiate(compose_train([f"meta={n}"], tmp_path, tmp_path).meta) for n in names}
     assert set(configs) == {"off", "5way1shot", "5way4shot", "10way4shot", "32way4shot"}
     assert all(isinstance(c, MetaConfig) for c in configs.values())
     assert not configs["off"].enabled and configs["off"].hybrid_ratio == 0

@@ -314,17 +314,26 @@ class PicoDataModule(L.LightningDataModule):
         Builds the word index over the first ``meta.buffer_tokens`` training tokens now, so a corpus
         that cannot supply ``k_shot + q_query`` windows for ``n_way`` words fails before training.
         """
+        index = self._word_index(meta)
+        self.meta = meta
+        self._meta_train = MetaBatchDataset(index, meta, seed=self.seed)
+        self._meta_test = MetaBatchDataset(index, meta, seed=self.seed, meta_test=True)
+
+    def meta_test_dataset(self, meta: MetaConfig, seed: int) -> MetaBatchDataset:
+        """Meta-test episodes of ``meta`` (held-out words as classes), seeded by ``seed``: what
+        validation, ``evaluate`` and the periodic evaluation score. Raises ValueError when the corpus has
+        too few held-out words for ``n_way`` classes."""
+        return MetaBatchDataset(self._word_index(meta), meta, seed=seed, meta_test=True)
+
+    def _word_index(self, meta: MetaConfig) -> WordIndex:
         stream = self.train_token_stream(max_tokens=meta.buffer_tokens)
-        index = WordIndex.build(
+        return WordIndex.build(
             np.asarray(stream.tokens),
             self.tokenizer,
             meta,
             mask_id=self.mask_token_id,
             pad_id=self.pad_token_id,
         )
-        self.meta = meta
-        self._meta_train = MetaBatchDataset(index, meta, seed=self.seed)
-        self._meta_test = MetaBatchDataset(index, meta, seed=self.seed, meta_test=True)
 
     @property
     def meta_test_episodes(self) -> MetaBatchDataset | None:

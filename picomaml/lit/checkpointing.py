@@ -1,9 +1,11 @@
 """Checkpoints in pico-train's layout: one directory per scheduled step, loadable by Hugging Face as is.
 
+The layout's names live in :mod:`picomaml.runs`, which reads what this callback writes.
+
 At each scheduled step N (after N optimizer updates) :class:`StepCheckpoints` writes::
 
     <checkpoints>/step_<N>/
-        config.json  model.safetensors     the backbone as a plain ``LlamaForCausalLM`` (picomaml.export),
+        config.json  model.safetensors     the backbone as a plain ``LlamaForCausalLM`` (picomaml.model.hf),
         tokenizer.json  ...                so ``from_pretrained("checkpoints/step_<N>")`` works
         checkpoint.ckpt                    the Lightning checkpoint: weights, optimizer, scheduler, RNG,
                                            data position, meta head, logging window (what resume needs)
@@ -33,11 +35,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-log = logging.getLogger(__name__)
+from picomaml.model.hf import export_state_to_hf
+from picomaml.runs import CHECKPOINT_FILE, LAST_FILE, LATEST_LINK, step_dir_name
 
-CHECKPOINT_FILE = "checkpoint.ckpt"
-LAST_FILE = "last.ckpt"
-LATEST_LINK = "latest"
+log = logging.getLogger(__name__)
 
 
 def checkpoint_steps(max_steps: int, every_n_steps: int, log_spaced_until: int = 512) -> list[int]:
@@ -59,10 +60,6 @@ def checkpoint_steps(max_steps: int, every_n_steps: int, log_spaced_until: int =
         power *= 2
     steps.update(range(every_n_steps, max_steps + 1, every_n_steps))
     return sorted(steps)
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step}"
 
 
 class StepCheckpoints(pl.Callback):
@@ -167,8 +164,6 @@ class StepCheckpoints(pl.Callback):
         return step_dir
 
     def _export(self, trainer: pl.Trainer, state: dict[str, torch.Tensor], step_dir: Path) -> None:
-        from picomaml.export import export_state_to_hf
-
         model_config = trainer.lightning_module.model_config
         backbone = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
         tmp = step_dir / f".hf-tmp-{os.getpid()}"

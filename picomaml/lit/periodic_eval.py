@@ -1,4 +1,4 @@
-"""A light evaluation every few hundred steps during training (``picomaml.evaluate.evaluate_light``).
+"""A light evaluation every few hundred steps during training (:func:`picomaml.eval.light.evaluate_light`).
 
 Validation already gives ``val/loss`` and meta-test accuracy; this adds what the evaluation CLI reports,
 on the run's fixed validation micro-batches and a few meta-test episodes, so learning curves of
@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+
+from picomaml.eval.light import evaluate_light
+from picomaml.eval.meta import load_meta_config
 
 
 class PeriodicEvaluation(pl.Callback):
@@ -55,8 +58,6 @@ class PeriodicEvaluation(pl.Callback):
         if self.results_dir is None:
             self.results_dir = Path(trainer.default_root_dir) / "eval_results"
         if self.meta_config is not None:
-            from picomaml.evaluate import load_meta_config
-
             self._meta = load_meta_config(self.meta_config)
 
     def on_train_batch_end(
@@ -68,8 +69,6 @@ class PeriodicEvaluation(pl.Callback):
         self._last_step = step
         if not trainer.is_global_zero:
             return
-        from picomaml.evaluate import evaluate_light
-
         results = evaluate_light(
             pl_module,
             trainer.datamodule,

@@ -1,8 +1,8 @@
 """`MetaConfig`: every knob of SMLMT episodes and the MAML inner loop, checked before training.
 
-The fields are exactly the keys of `conf/meta/*.yaml` (each file instantiates this class through
-`_target_: picomaml.meta.MetaConfig`), so a typo'd key fails as an unexpected keyword argument and an
-out-of-range value fails in `__post_init__` with a ValueError naming the key and what is allowed.
+The fields are exactly the keys of the `meta` config group (its `base` option is this dataclass at its
+defaults, which every `conf/meta/*.yaml` extends), so a typo'd key fails as an unexpected keyword argument
+and an out-of-range value fails in `__post_init__` with a ValueError naming the key and what is allowed.
 Cross-section checks (`window_len` <= the model's `max_seq_len`) belong to whoever sees both sections.
 """
 
@@ -20,72 +20,75 @@ OUTPUT_INITS = ("proto", "zeros")
 
 @dataclass
 class MetaConfig:
-    """SMLMT episode shape, word index, head and inner-loop settings.
+    """SMLMT episode shape, word index, head and inner-loop settings: the `meta` config group.
 
-    Episodes (see :mod:`picomaml.meta.smlmt`):
-        n_way, k_shot, q_query: classes per task, support and query windows per class.
-        tasks_per_step: tasks in one meta-batch (one optimizer step's worth of episodes).
-        window_len: tokens per window before masking; windows are right-padded to it.
-        min_window_tokens: windows (document chunks) shorter than this are never used, so a window is
-            never just its masked word.
-        buffer_tokens: the word index is built over the first `buffer_tokens` of the token stream.
-        sampling, alpha: how class words are drawn: `uniform` over eligible word types,
-            `freq_pow` proportional to (number of windows containing the word) ** alpha, or `log_freq`
-            proportional to log(1 + that number).
-        stop_words: "english" (the built-in list in :mod:`picomaml.meta.words`) or a list of words;
-            never used as classes.
-        min_word_chars: shorter words are never used as classes.
-        meta_test_fraction: fraction of eligible word types held out as meta-test classes; the split is
-            a hash of (split_seed, word), so it does not depend on the corpus or its order.
-        split_seed: seed of that split (kept apart from the run seed so runs with different seeds are
-            evaluated on the same held-out words).
-
-    MAML (see :mod:`picomaml.meta.maml` and :mod:`picomaml.meta.head`):
-        inner_steps, inner_lr: SGD steps on the support set and their learning rate.
-        first_order: drop second-order terms (FOMAML); default false = full second order.
-        learn_inner_lr: Meta-SGD style learned inner learning rate per head tensor (initialised at
-            `inner_lr`).
-        pooling: window representation, `last` real token or `mean` over real tokens.
-        head_hidden_dims: widths of the head's MLP body ([] = the output layer sits on the backbone).
-        head_init: initialisation of the body (`kaiming`, `xavier`, or `identity` = eye-like weights).
-        output_init: `proto` (ProtoMAML, W = 2 s c_k, b = -s ||c_k||^2) or `zeros`.
-        proto_scale: initial value of the meta-learned ProtoMAML scale s (features are unit-normalised,
-            so squared distances lie in [0, 4]).
-
-    Hybrid training (read by the LightningModule):
-        enabled: false turns meta-learning off entirely (plain AR pretraining).
-        hybrid_ratio: fraction of optimizer steps that are meta steps (`schedule`) or the meta weight r in
-            loss = (1 - r) AR + r meta (`sum`).
-        hybrid_mode: `schedule` or `sum`.
-        val_episodes: meta-test episodes (of `tasks_per_step` tasks each) scored at every validation.
+    The defaults are the `meta=5way4shot` job; each file in `conf/meta/` lists `base` (these fields at
+    their defaults) first and states only what differs.
     """
 
+    # --- hybrid training (read by the LightningModule) ---
     enabled: bool = True
-    n_way: int = 5
-    k_shot: int = 4
-    q_query: int = 4
-    tasks_per_step: int = 2
-    inner_steps: int = 5
-    inner_lr: float = 1.0
-    first_order: bool = False
-    learn_inner_lr: bool = False
+    """False turns meta-learning off entirely (plain AR pretraining, `meta=off`)."""
     hybrid_ratio: float = 0.5
+    """Fraction of optimizer steps that are meta steps (`schedule`), or r in (1 - r) AR + r meta (`sum`)."""
     hybrid_mode: str = "schedule"
-    window_len: int = 64
-    min_window_tokens: int = 8
-    buffer_tokens: int = 1_000_000
-    sampling: str = "uniform"
-    alpha: float = 0.5
-    stop_words: Any = "english"
-    min_word_chars: int = 3
-    meta_test_fraction: float = 0.1
-    split_seed: int = 0
-    pooling: str = "last"
-    head_hidden_dims: list[int] = field(default_factory=list)
-    head_init: str = "kaiming"
-    output_init: str = "proto"
-    proto_scale: float = 10.0
+    """`schedule` (a seeded coin per step, the same on every rank) or `sum`."""
     val_episodes: int = 16
+    """Meta-test episodes (of `tasks_per_step` tasks each) scored at every validation."""
+
+    # --- episodes (picomaml.meta.smlmt) ---
+    n_way: int = 5
+    """Classes (word types) per task."""
+    k_shot: int = 4
+    """Support windows per class."""
+    q_query: int = 4
+    """Query windows per class."""
+    tasks_per_step: int = 2
+    """Tasks in one meta-batch (one optimizer step's worth of episodes)."""
+    window_len: int = 64
+    """Tokens per window before masking; windows are right-padded to it (<= model.max_seq_len)."""
+    min_window_tokens: int = 8
+    """Windows (document chunks) shorter than this are never used, so a window is never just its word."""
+
+    # --- word index (picomaml.meta.words) ---
+    buffer_tokens: int = 1_000_000
+    """The word index is built over the first `buffer_tokens` of the token stream (the whole wiki)."""
+    sampling: str = "uniform"
+    """How class words are drawn: `uniform` over eligible words, `freq_pow` proportional to (windows
+    containing the word) ** alpha, `log_freq` proportional to log(1 + that number)."""
+    alpha: float = 0.5
+    """Exponent of `freq_pow`."""
+    stop_words: Any = "english"
+    """`english` (the list in picomaml.meta.words) or a list of words; never used as classes."""
+    min_word_chars: int = 3
+    """Shorter words are never used as classes."""
+    meta_test_fraction: float = 0.1
+    """Fraction of eligible word types held out as meta-test classes (a hash of (split_seed, word), so
+    it depends on neither the corpus nor its order)."""
+    split_seed: int = 0
+    """Seed of that split, apart from the run seed so runs of every seed are scored on the same words."""
+
+    # --- head (picomaml.meta.head) ---
+    pooling: str = "last"
+    """Window representation: the `last` real token, or the `mean` over real tokens."""
+    head_hidden_dims: list[int] = field(default_factory=list)
+    """Widths of the head's MLP body ([] = the output layer sits on the backbone features)."""
+    head_init: str = "kaiming"
+    """Body initialisation: `kaiming`, `xavier` or `identity` (eye-like weights)."""
+    output_init: str = "proto"
+    """`proto` (ProtoMAML, W = 2 s c_k, b = -s ||c_k||^2) or `zeros`."""
+    proto_scale: float = 10.0
+    """Initial meta-learned ProtoMAML scale s (features are unit-normalised: squared distances in [0, 4])."""
+
+    # --- inner loop (picomaml.meta.maml) ---
+    inner_steps: int = 5
+    """SGD steps on the support set per task (0 = the ProtoMAML init alone)."""
+    inner_lr: float = 1.0
+    """Their step size; with unit-normalised features one step moves a logit by about lr / n_way at most."""
+    first_order: bool = False
+    """Drop second-order terms (FOMAML); the default is full second order."""
+    learn_inner_lr: bool = False
+    """Meta-SGD: a learned step size per head tensor, initialised at `inner_lr`."""
 
     def __post_init__(self) -> None:
         # Hydra hands over ListConfig objects; plain lists pickle into DataLoader workers and compare

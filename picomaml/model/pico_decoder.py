@@ -14,7 +14,7 @@ with ``strict=True``)::
 Shape letters used in comments: B batch, T query length, S key length (cache + T), D d_model,
 H attention heads, K kv heads, E head_dim = D / H, F activation_hidden_dim, V vocab_size, N = B * T.
 
-What differs from pico-train, on purpose (DESIGN.md section 4):
+What differs from pico-train, on purpose (each a defect of pico-train's implementation, not of the model):
 
 * attention uses ``scaled_dot_product_attention(is_causal=True)`` instead of a float mask built on the
   host every step (which also rules out fused kernels);
@@ -269,13 +269,6 @@ class PicoDecoder(nn.Module):
         self.output_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.de_embedding_proj = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: object) -> PicoDecoder:
-        """Build a freshly initialised model from ``conf/model/<name>.yaml`` (plus field overrides)."""
-        from picomaml.model.presets import load_model_config
-
-        return cls(load_model_config(name, **overrides))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -1,21 +1,18 @@
-"""Named model sizes. The YAML files in ``conf/model/`` are the single source of truth: Hydra composes
-them as the ``model`` group, and :func:`load_model_config` reads the same files outside Hydra."""
+"""Named model sizes. The YAML files in ``conf/model/`` (inside the package) are the single source of
+truth: Hydra composes them as the ``model`` group, and :func:`load_model_config` reads the same files
+outside Hydra."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-import yaml
-
+from picomaml.config import group_options, load_option
 from picomaml.model.pico_decoder import ModelConfig
-
-PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
 def preset_names() -> list[str]:
     """Names of the presets in ``conf/model`` (e.g. ``['11m', '181m', ..., 'tiny']``)."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return group_options("model")
 
 
 def load_model_config(name: str, **overrides: object) -> ModelConfig:
@@ -24,13 +21,10 @@ def load_model_config(name: str, **overrides: object) -> ModelConfig:
     Raises ``ValueError`` naming the valid presets for an unknown name, and the valid fields for an
     unknown override key.
     """
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
+    if name not in preset_names():
         raise ValueError(f"unknown model preset {name!r}; valid names: {', '.join(preset_names())}")
-    values = yaml.safe_load(path.read_text())
-    values.pop("_target_", None)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {', '.join(sorted(fields))}")
-    return ModelConfig(**{**values, **overrides})
+    return load_option("model", name, ModelConfig, **overrides)

@@ -9,7 +9,7 @@
 * ``steps``: steps seen so far.
 
 The file is rewritten after every step (a few hundred bytes), so a trial that is pruned, killed or
-fails still leaves its last marks. ``picomaml.bench_sweep.TrialClock`` is the Lightning callback
+fails still leaves its last marks. ``picomaml.bench.sweep.TrialClock`` is the Lightning callback
 around it; the sweep test app (``tests/sweep_app``) uses it directly.
 """
 

@@ -44,9 +44,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from picomaml.bench.common import parse_args
 from picomaml.sweep.clock import StepClock, read_clock
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 APP = REPO / "tests" / "sweep_app" / "app.py"
 SCHEDULES = ("async", "batch")
 LAUNCHERS = ("submitit_local", "slurm")
@@ -90,7 +91,7 @@ class TrialClock(pl.Callback):
 
     In a sweep, ``trial`` is the trial's number::
 
-        +callbacks.trial_clock._target_=picomaml.bench_sweep.TrialClock
+        +callbacks.trial_clock._target_=picomaml.bench.sweep.TrialClock
         '+callbacks.trial_clock.trial=${sweep.trial_number}' +callbacks.trial_clock.slow_trials=[0,2]
         +callbacks.trial_clock.slow_step_s=2.0
     """
@@ -153,7 +154,7 @@ def sweep_command(args: dict[str, Any], schedule: str, sweep_dir: Path) -> list[
             sys.executable,
             str(APP),
             "-m",
-            f"hydra.searchpath=[file://{REPO / 'conf'}]",
+            "hydra.searchpath=[pkg://picomaml.conf]",
             "hydra/sweeper=picomaml_optuna",
             *sweeper,
             "x=interval(0,1)",
@@ -172,7 +173,7 @@ def sweep_command(args: dict[str, Any], schedule: str, sweep_dir: Path) -> list[
         f"trainer.max_steps={args['steps']}",
         f"trainer.val_check_interval={args['steps']}",
         *sweeper,
-        "+callbacks.trial_clock._target_=picomaml.bench_sweep.TrialClock",
+        "+callbacks.trial_clock._target_=picomaml.bench.sweep.TrialClock",
         "+callbacks.trial_clock.trial=${sweep.trial_number}",
         f"+callbacks.trial_clock.slow_trials={slow_list}",
         f"+callbacks.trial_clock.slow_step_s={args['slow_step_s']}",
@@ -254,9 +255,7 @@ def measure_study(
 
 def bench_sweep(argv: list[str]) -> dict[str, Any]:
     """Runs the study once per schedule; returns (prints, writes to ``out``) the measurements."""
-    from picomaml.bench import _parse
-
-    args = _parse(
+    args = parse_args(
         argv,
         {
             "launcher": "submitit_local",
@@ -272,6 +271,8 @@ def bench_sweep(argv: list[str]) -> dict[str, Any]:
             "timeout_s": 1200.0,
             "out": None,
         },
+        "picomaml.bench sweep",
+        __doc__ or "",
     )
     schedules = [s for s in str(args["schedules"]).split(",") if s]
     for key, value, allowed in (

@@ -13,29 +13,13 @@ Reported per order (second, first): meta step time, AR step time, their ratio, a
 from __future__ import annotations
 
 import json
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from picomaml.bench import _parse, _sync
+from picomaml.bench.common import median_time, parse_args
 from picomaml.meta import InnerLoop, MetaConfig, MetaHead, maml_outer_loss, meta_forward, window_features
 from picomaml.model import PicoDecoder, load_model_config
-
-
-def _time(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _meta_batch(cfg: MetaConfig, vocab: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -80,12 +64,14 @@ def _bench_order(
 
     def inner_loop() -> None:
         s, q = support.detach().requires_grad_(), query.detach().requires_grad_()
-        loss, _ = maml_outer_loss(head, s, batch["support_labels"], q, batch["query_labels"], InnerLoop.of(cfg))
+        loss, _ = maml_outer_loss(
+            head, s, batch["support_labels"], q, batch["query_labels"], InnerLoop.of(cfg)
+        )
         loss.backward()
 
-    meta_s = _time(meta_step, warmup, steps, device)
-    ar_s = _time(ar_step, warmup, steps, device)
-    inner_s = _time(inner_loop, warmup, steps, device)
+    meta_s = median_time(meta_step, warmup, steps, device)
+    ar_s = median_time(ar_step, warmup, steps, device)
+    inner_s = median_time(inner_loop, warmup, steps, device)
     return {
         "meta_step_s": meta_s,
         "ar_step_s": ar_s,
@@ -96,7 +82,7 @@ def _bench_order(
 
 
 def bench_meta(argv: list[str]) -> dict[str, object]:
-    args = _parse(
+    args = parse_args(
         argv,
         {
             "model": "11m",
@@ -113,6 +99,8 @@ def bench_meta(argv: list[str]) -> dict[str, object]:
             "seed": 0,
             "out": None,
         },
+        "picomaml.bench meta",
+        __doc__ or "",
     )
     torch.set_num_threads(args["threads"])
     torch.manual_seed(args["seed"])

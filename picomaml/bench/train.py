@@ -1,6 +1,5 @@
-"""Benchmarks, as ``python -m picomaml.bench <command> key=value ...``.
-
-``train``: steady-state pretraining steps of the real training computation on random tokens::
+"""``python -m picomaml.bench train``: steady-state pretraining steps of the real training computation
+on random tokens::
 
     python -m picomaml.bench train model=11m precision=bf16 batch_size=8 seq_len=512 steps=20 warmup=5 \\
         out=bench.json
@@ -16,70 +15,22 @@ process with the same thread count. ``tokens_per_s_best`` and ``mfu_best`` use t
 from __future__ import annotations
 
 import json
-import platform
 import resource
 import statistics
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from picomaml.bench.common import cpu_name, matmul_peak_flops, parse_args, sync
 from picomaml.model import PicoDecoder, load_model_config, model_flops_per_token
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _parse(argv: list[str], defaults: dict[str, object]) -> dict[str, object]:
-    """``key=value`` arguments over ``defaults``, each value converted to the default's type."""
-    args = dict(defaults)
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in defaults:
-            raise SystemExit(f"bad argument {item!r}; expected key=value with key in {', '.join(defaults)}")
-        kind = type(defaults[key])
-        args[key] = value if defaults[key] is None else kind(value)
-    return args
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak_flops(
-    dtype: torch.dtype, device: torch.device, n: int = 2048, min_time: float = 1.0
-) -> float:
-    """Best observed FLOP/s of an [n, n] x [n, n] matmul in ``dtype`` (the denominator of MFU)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b, out=out)  # warm-up: kernel selection, page faults
-    best, spent = float("inf"), 0.0
-    while spent < min_time:
-        _sync(device)
-        start = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        best, spent = min(best, elapsed), spent + elapsed
-    return 2 * n**3 / best
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def bench_train(argv: list[str]) -> dict[str, object]:
     """Time training steps; returns (and prints, and writes to ``out``) the summary."""
-    args = _parse(
+    args = parse_args(
         argv,
         {
             "model": "11m",
@@ -94,6 +45,8 @@ def bench_train(argv: list[str]) -> dict[str, object]:
             "peak_n": 2048,
             "out": None,
         },
+        "picomaml.bench train",
+        __doc__ or "",
     )
     if args["precision"] not in _DTYPES:
         raise SystemExit(f"precision={args['precision']!r}; allowed values: {', '.join(_DTYPES)}")
@@ -124,10 +77,10 @@ def bench_train(argv: list[str]) -> dict[str, object]:
     peak = matmul_peak_flops(dtype, device, n=args["peak_n"])
     times = []
     for _ in range(args["steps"]):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
         peak = max(peak, matmul_peak_flops(dtype, device, n=args["peak_n"], min_time=0.2))
     flops_per_token = model_flops_per_token(config, seq_len)
@@ -158,7 +111,7 @@ def bench_train(argv: list[str]) -> dict[str, object]:
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": str(device),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     text = json.dumps(result, indent=2)
@@ -166,36 +119,3 @@ def bench_train(argv: list[str]) -> dict[str, object]:
     if args["out"]:
         Path(args["out"]).write_text(text + "\n")
     return result
-
-
-def bench_meta(argv: list[str]) -> dict[str, object]:
-    """``meta``: a MAML step against an AR step at equal backbone tokens (see :mod:`picomaml.bench_meta`)."""
-    from picomaml.bench_meta import bench_meta as run
-
-    return run(argv)
-
-
-def bench_sweep(argv: list[str]) -> dict[str, object]:
-    """``sweep``: per-trial overheads of an optuna sweep, async vs blocking batches
-    (see :mod:`picomaml.bench_sweep`)."""
-    from picomaml.bench_sweep import bench_sweep as run
-
-    return run(argv)
-
-
-COMMANDS: dict[str, Callable[[list[str]], dict[str, object]]] = {
-    "train": bench_train,
-    "meta": bench_meta,
-    "sweep": bench_sweep,
-}
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python -m picomaml.bench {{{','.join(COMMANDS)}}} key=value ...")
-    COMMANDS[argv[0]](argv[1:])
-
-
-if __name__ == "__main__":
-    main()

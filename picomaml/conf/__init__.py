@@ -1,0 +1,1 @@
+"""picomaml's Hydra configs, shipped inside the package (``conf/train.yaml`` is the root)."""
