@@ -1,21 +1,28 @@
-"""Shared fixtures: composed configs pointing at a tmp output dir and a session-wide token cache."""
+"""Shared fixtures: a session-wide token cache, the tiny real runs, the SLURM cluster.
+
+Plain helpers (composed configs, run settings, waits) are in ``tests/helpers.py``.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
 
-from picomaml.config import CONF_DIR, register_bases, register_resolvers
-from picomaml.train import CONFIG_SCHEMAS
-
-# Tests never touch the network; wandb stays off unless a test turns it on.
+# Tests never touch the network; wandb stays off unless a test turns it on. Set before picomaml (and so
+# huggingface_hub, which reads HF_HUB_OFFLINE once at import) is imported.
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from picomaml.config import register_bases, register_resolvers  # noqa: E402
+from picomaml.train import CONFIG_SCHEMAS  # noqa: E402
+from tests.helpers import KIT, controller_up, tiny_sweep  # noqa: E402
+
 torch.set_num_threads(2)
 register_resolvers()
 register_bases(CONFIG_SCHEMAS)
@@ -27,26 +34,25 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def compose_train(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
-    """The config `python -m picomaml.train <overrides>` would run, writing into `output_dir`."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.cache_dir = str(cache_dir)
-    return cfg
+@pytest.fixture(scope="session")
+def sweep_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """Two tiny real runs (``tests.helpers.tiny_sweep``) that evaluate/generate/analyze tests read."""
+    root = tmp_path_factory.getbasetemp() / "tiny_runs"
+    root.mkdir(exist_ok=True)
+    return tiny_sweep(root, cache_dir)
 
 
-# Small and fast: tiny model, synthetic numbers, fp32 on CPU, no progress bar.
-FAST = [
-    "model=tiny",
-    "data=synthetic",
-    "data.seq_len=32",
-    "data.batch_size=4",
-    "trainer.accelerator=cpu",
-    "trainer.precision=32-true",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "optim.lr=3e-3",
-    "optim.warmup_steps=2",
-]
+@pytest.fixture(scope="module")
+def slurm_cluster() -> Iterator[None]:
+    """The cluster that answers, or the local one started here and stopped at the end."""
+    if controller_up():
+        yield
+        return
+    if os.geteuid() != 0:
+        pytest.skip("no SLURM cluster answers and starting the local one needs root")
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        pytest.skip("no SLURM cluster answers and the local one needs apt-get (Debian/Ubuntu) to install")
+    proc = subprocess.run(["bash", str(KIT), "start"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield
+    subprocess.run(["bash", str(KIT), "stop"], capture_output=True, text=True, timeout=120)

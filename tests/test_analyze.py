@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from picomaml.analyze import attention_probs, linear_cka, main
+from picomaml.analyze import main
+from picomaml.eval.analysis import attention_probs, linear_cka
 from picomaml.model import ModelConfig, PicoDecoder
-from tests.test_dynamics import sweep_dir  # noqa: F401  (session fixture: the tiny runs)
 
 
 def test_every_figure_is_written_for_a_sweep(sweep_dir: Path) -> None:  # noqa: F811

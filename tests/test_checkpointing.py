@@ -22,8 +22,7 @@ from picomaml.config import ConfigError
 from picomaml.meta import meta_forward
 from picomaml.runs import load_run
 from picomaml.train import prepare_run, train
-from tests.conftest import FAST, compose_train
-from tests.test_hybrid import META
+from tests.helpers import FAST, META, compose_train
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULE = [0, 1, 2, 3, 4, 6, 8]

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from picomaml.config import ConfigError, group_options, resolve_precision
 from picomaml.lit.optim import OptimConfig, lr_multiplier
 from picomaml.train import prepare_run, train
-from tests.conftest import FAST, compose_train
+from tests.helpers import FAST, compose_train
 
 GROUPS = [
     *("data", "model", "meta", "optim", "trainer", "callbacks", "logger", "debug"),

@@ -1,15 +1,12 @@
 """Learning-dynamics dumps: pico-train's layout, exact contents, and no effect on training.
 
-This module also builds the tiny real runs the evaluate/generate/analyze tests read (:func:`tiny_sweep`),
-once per session: two identical 4-step runs on a small word corpus, run 0 with the callback, run 1
-without, side by side in one sweep directory.
+The tiny real runs read here (``sweep_dir``, built by ``tests.helpers.tiny_sweep`` once per session) are
+two identical 4-step runs on a small word corpus, run 0 with the callback, run 1 without, side by side.
 """
 
 from __future__ import annotations
 
 import csv
-import json
-import random
 from pathlib import Path
 
 import pytest
@@ -17,77 +14,11 @@ import torch
 from datasets import load_from_disk
 
 from picomaml.lit.checkpointing import checkpoint_steps
-from picomaml.lit.dynamics import LearningDynamics, match_modules
+from picomaml.lit.dynamics import match_modules
 from picomaml.model import ModelConfig, PicoDecoder
-from picomaml.train import prepare_run, save_training_config
-from tests.conftest import FAST, compose_train
+from tests.helpers import VAL_ROWS
 
 DYNAMICS_STEPS = [0, 1, 2, 4]  # log-spaced 0, 1 (until 1), then every 2, for max_steps=4
-VAL_ROWS = 4
-
-
-def write_word_corpus(path: Path) -> Path:
-    """300 documents of made-up two-syllable words (144 word types), as JSON lines.
-
-    Enough repeated words that SMLMT finds held-out meta-test classes, small enough to pack instantly.
-    """
-    syllables = ["ka", "lo", "mi", "ren", "tsu", "vax", "dor", "pel", "quin", "zar", "bri", "fen"]
-    words = [a + b for a in syllables for b in syllables]
-    rng = random.Random(0)
-    with open(path, "w") as file:
-        for _ in range(300):
-            text = " ".join(rng.choice(words) for _ in range(24)).capitalize() + "."
-            file.write(json.dumps({"text": text}) + "\n")
-    return path
-
-
-def tiny_overrides(corpus: Path) -> list[str]:
-    return [
-        *FAST,
-        "data=text",
-        f"data.corpus_options.paths={corpus}",
-        "data.seq_len=32",
-        "data.batch_size=4",
-        "data.val_fraction=0.1",
-        "data.val_batches=2",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=2",
-        "trainer.log_every_n_steps=1",
-        "callbacks.model_checkpoint.every_n_train_steps=2",
-        "~callbacks.learning_dynamics",  # the runs below add their own, or none
-    ]
-
-
-def tiny_sweep(root: Path, cache_dir: Path) -> Path:
-    """``<root>/sweep/{0,1}``: the same tiny run with (0) and without (1) :class:`LearningDynamics`.
-
-    Built once: later calls find ``<root>/sweep/done`` and reuse it (a file marker rather than a module
-    global, because pytest imports this file once as a test module and again through the imports of the
-    other test modules).
-    """
-    sweep = root / "sweep"
-    if (sweep / "done").is_file():
-        return sweep
-    corpus = write_word_corpus(root / "words.jsonl")
-    for job, dynamics in (("0", True), ("1", False)):
-        cfg = compose_train(tiny_overrides(corpus), sweep / job, cache_dir)
-        plan = prepare_run(cfg)
-        if dynamics:
-            plan.trainer.callbacks.append(
-                LearningDynamics(every_n_steps=2, log_spaced_until=1, val_batch_size=VAL_ROWS)
-            )
-        plan.output_dir.mkdir(parents=True, exist_ok=True)
-        save_training_config(cfg, plan.output_dir)
-        plan.trainer.fit(plan.module, datamodule=plan.datamodule)
-    (sweep / "done").touch()
-    return sweep
-
-
-@pytest.fixture(scope="session")
-def sweep_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    root = tmp_path_factory.getbasetemp() / "tiny_runs"
-    root.mkdir(exist_ok=True)
-    return tiny_sweep(root, cache_dir)
 
 
 def test_checkpoint_steps_are_log_spaced_then_regular() -> None:

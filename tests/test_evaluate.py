@@ -17,7 +17,6 @@ from picomaml.eval.meta import load_meta_config
 from picomaml.evaluate import main
 from picomaml.model import ModelConfig, PicoDecoder
 from picomaml.runs import RunError, load_run
-from tests.test_dynamics import sweep_dir  # noqa: F401  (session fixture: the tiny runs)
 
 BOS, PAD = 0, 63
 

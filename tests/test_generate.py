@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from picomaml.generate import generate, main, sample_next
+from picomaml.generate import main
 from picomaml.model import ModelConfig, PicoDecoder
-from tests.test_dynamics import sweep_dir  # noqa: F401  (session fixture: the tiny runs)
+from picomaml.model.generation import generate, sample_next
 
 
 @pytest.fixture(scope="module")

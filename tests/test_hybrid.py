@@ -13,18 +13,7 @@ from picomaml.config import ConfigError
 from picomaml.lit.module import is_meta_step
 from picomaml.meta import MetaConfig
 from picomaml.train import prepare_run, train
-from tests.conftest import FAST, compose_train
-from tests.test_train import GradCapture
-
-# the embedded wiki corpus with a short word buffer: the word index builds in well under a second
-META = [
-    *FAST,
-    "data=wiki",
-    "data.seq_len=32",
-    "meta=5way4shot",
-    "meta.buffer_tokens=200000",
-    "meta.window_len=32",
-]
+from tests.helpers import FAST, META, GradCapture, compose_train
 
 
 def test_schedule_is_seeded_and_matches_the_ratio() -> None:

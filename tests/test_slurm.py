@@ -8,63 +8,21 @@ at the end.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tests.helpers import job_state, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "sweep_app" / "app.py"
 KIT = REPO / "launchers" / "slurm_local_cluster.sh"
 
 pytestmark = pytest.mark.slow
-
-
-def _controller_up() -> bool:
-    """Whether a SLURM controller answers. Whatever state the node is in (idle, mixed, completing...):
-    a cluster that answers is someone's to use and not ours to stop."""
-    if shutil.which("scontrol") is None:
-        return False
-    try:
-        proc = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        return False
-    return "is UP" in proc.stdout
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster() -> Iterator[None]:
-    """The cluster that answers, or the local one started here and stopped at the end."""
-    if _controller_up():
-        yield
-        return
-    if os.geteuid() != 0:
-        pytest.skip("no SLURM cluster answers and starting the local one needs root")
-    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
-        pytest.skip("no SLURM cluster answers and the local one needs apt-get (Debian/Ubuntu) to install")
-    proc = subprocess.run(["bash", str(KIT), "start"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    yield
-    subprocess.run(["bash", str(KIT), "stop"], capture_output=True, text=True, timeout=120)
-
-
-def _job_state(job_id: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
-    return out.strip()
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert time.time() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.5)
 
 
 def test_optuna_sweep_on_slurm(slurm_cluster: None, tmp_path: Path) -> None:
@@ -95,12 +53,12 @@ def test_optuna_sweep_on_slurm(slurm_cluster: None, tmp_path: Path) -> None:
     driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         slow_timing = sweep_dir / "1" / "timing.json"
-        _wait_for(slow_timing.exists, 90, "the slow trial to start")
+        wait_for(slow_timing.exists, 90, "the slow trial to start")
         job_id = json.loads(slow_timing.read_text())["slurm_job_id"]
         assert job_id
         # other trials must start and finish while the slow one holds its slot
-        _wait_for(lambda: (sweep_dir / "3" / "result.json").exists(), 90, "trial 3 to finish")
-        assert _job_state(job_id) == "RUNNING"
+        wait_for(lambda: (sweep_dir / "3" / "result.json").exists(), 90, "trial 3 to finish")
+        assert job_state(job_id) == "RUNNING"
         subprocess.run(["scancel", job_id], check=True)
         output, _ = driver.communicate(timeout=150)
     finally:
@@ -135,12 +93,12 @@ def test_requeue_reruns_a_job(slurm_cluster: None, tmp_path: Path) -> None:
         check=True,
     ).stdout.strip()
     try:
-        _wait_for(lambda: log.exists() and "run 0" in log.read_text(), 60, "the first run")
+        wait_for(lambda: log.exists() and "run 0" in log.read_text(), 60, "the first run")
         subprocess.run(["scontrol", "requeue", job_id], check=True)
         # SLURM holds a requeued job for ~120 s (BeginTime); release it now
-        _wait_for(lambda: _job_state(job_id) == "PENDING", 30, "the job to be requeued")
+        wait_for(lambda: job_state(job_id) == "PENDING", 30, "the job to be requeued")
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
-        _wait_for(lambda: "run 1" in log.read_text(), 60, "the second run")
+        wait_for(lambda: "run 1" in log.read_text(), 60, "the second run")
     finally:
         subprocess.run(["scancel", job_id])
     assert log.read_text().split("\n")[:2] == ["run 0", "run 1"]

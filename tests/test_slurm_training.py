@@ -4,7 +4,7 @@ optuna study of real trainings (8 trials, 2 at a time) that fails one trial alon
 runs other trials while a slow one holds its slot, and resumes to 10 trials. Prints the per-trial
 overheads (submission -> first step, last step -> result recorded).
 
-The cluster fixture is tests/test_slurm.py's (starts launchers/slurm_local_cluster.sh when no controller
+The cluster fixture is tests/conftest.py's (starts launchers/slurm_local_cluster.sh when no controller
 answers). Jobs ask for 1 CPU and run one thread each.
 """
 
@@ -26,11 +26,7 @@ from optuna.trial import TrialState
 
 from picomaml.sweep.clock import read_clock
 from picomaml.sweep.results import SUBMITTED_ATTR
-from tests.test_slurm import (
-    _job_state,
-    _wait_for,
-    slurm_cluster,  # noqa: F401  (the fixture, for usefixtures below)
-)
+from tests.helpers import job_state, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +78,7 @@ def _env(cache_dir: Path) -> dict[str, str]:
 def _train_cmd(*overrides: str) -> list[str]:
     # imported here, not at the top: the trials import this module for Pace, and importing
     # conftest sets torch's thread count in the importing process
-    from tests.conftest import FAST
+    from tests.helpers import FAST
 
     # a key given in `overrides` replaces FAST's (e.g. a search space for optim.lr)
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides} | {"model"}
@@ -135,7 +131,7 @@ def test_grid_sweep_is_one_job_array(tmp_path: Path, cache_dir: Path) -> None:
 
     # the driver goes by submitit's result files; accounting can lag a few seconds behind them
     expected = [[f"{array_id}_{i}", "COMPLETED"] for i in range(4)]
-    _wait_for(lambda: tasks() == expected, 30, f"sacct to show {expected}")
+    wait_for(lambda: tasks() == expected, 30, f"sacct to show {expected}")
     for i in range(4):
         assert _result(sweep_dir / str(i))["status"] == "completed"
         assert _result(sweep_dir / str(i))["global_step"] == 4
@@ -163,7 +159,7 @@ def _interrupt(job_id: str, command: list[str]) -> None:
     """Runs `command` against the running job, which must then be requeued; releases it at once
     (SLURM holds a requeued job for ~120 s, BeginTime)."""
     subprocess.run(command, check=True)
-    _wait_for(lambda: _job_state(job_id) == "PENDING", 60, f"job {job_id} to be requeued")
+    wait_for(lambda: job_state(job_id) == "PENDING", 60, f"job {job_id} to be requeued")
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
 
 
@@ -197,12 +193,12 @@ def test_interrupted_job_resumes_to_the_uninterrupted_result(tmp_path: Path, cac
     )
     job_dir = sweep_dir / "1"
     try:
-        _wait_for(lambda: _last_step(job_dir) >= 4, 120, "step 4 of the job")
+        wait_for(lambda: _last_step(job_dir) >= 4, 120, "step 4 of the job")
         (job_id,) = (p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.endswith("_1"))
         _interrupt(job_id, ["scancel", "--signal=USR2", job_id])
         # the first run stopped right after its save: later steps can only come from the rerun
         (first_save,) = _saved_steps(job_dir)
-        _wait_for(lambda: _last_step(job_dir) >= first_save + 4, 120, "the rerun to train")
+        wait_for(lambda: _last_step(job_dir) >= first_save + 4, 120, "the rerun to train")
         _interrupt(job_id, ["scontrol", "requeue", job_id])
         output, _ = driver.communicate(timeout=240)
     finally:

@@ -15,7 +15,7 @@ import torch
 
 from picomaml.config import ConfigError
 from picomaml.train import prepare_run, train
-from tests.conftest import FAST, compose_train
+from tests.helpers import FAST, GradCapture, compose_train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,15 +88,6 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, cache_dir: Path
         # stopping with should_stop runs one extra validation at the interruption step
         assert set(cb) - set(ca) <= {6} and set(ca) <= set(cb), key
         assert max(abs(ca[s] - cb[s]) for s in ca) <= 1e-6, key
-
-
-class GradCapture(pl.Callback):
-    """Keeps a copy of the gradients that reach the optimizer (Adam's first step hides small differences)."""
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, module: pl.LightningModule, optimizer: object
-    ) -> None:
-        self.grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
 def test_gradient_accumulation_equals_a_larger_batch(tmp_path: Path, cache_dir: Path) -> None:
