@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import secrets
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,10 @@ def instantiate_section(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     section = cfg.get(key)
     if section is None:
         raise ConfigError(f"config section '{key}' is missing (options: {', '.join(group_options(key))})")
+    target = section.get("_target_")
+    schema = hydra.utils.get_class(target) if target else None
+    if schema is not None and dataclasses.is_dataclass(schema):
+        check_types(schema, OmegaConf.to_container(section, resolve=True), key)
     try:
         return hydra.utils.instantiate(section, _convert_="all", **kwargs)
     except Exception as err:  # hydra wraps the constructor's error; report the innermost cause
@@ -97,6 +103,47 @@ def instantiate_section(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         while cause.__cause__ is not None:
             cause = cause.__cause__
         raise ConfigError(f"{key}: {_describe(cause)}") from err
+
+
+def check_types(schema: type, values: dict[str, Any], prefix: str) -> None:
+    """Raise ConfigError for the first value of `values` that does not fit its field of `schema`, named
+    `<prefix>.<field>` with the expected type (a typo'd number would otherwise fail deep in a comparison).
+    Unknown keys are left to the constructor's own error."""
+    hints = typing.get_type_hints(schema)
+    for name, value in values.items():
+        if name in hints and not _fits(value, hints[name]):
+            raise ConfigError(
+                f"{prefix}.{name}={value!r}: expected {_type_name(hints[name])}, got {type(value).__name__}"
+            )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in args)
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else True
+    if hint is float:  # an int is a fine float; a bool is not a number here
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        inner = typing.get_args(hint)
+        plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+        return f"a list of {plural.get(inner[0], _type_name(inner[0]))}" if inner else "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+    )
 
 
 def _describe(err: BaseException) -> str:

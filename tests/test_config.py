@@ -84,6 +84,11 @@ def test_unknown_key_inside_a_group_file_is_named(tmp_path: Path, cache_dir: Pat
             "callbacks.learning_dynamics.layer_suffixes: suffix 'swiglu.w_9' matches no module",
         ),
         ("callbacks.model_checkpoint.every_n_train_steps=0", "every_n_train_steps must be >= 1"),
+        # a value of the wrong type names its key and the expected type (not a failed comparison)
+        ("optim.lr=abc", "optim.lr='abc': expected a number, got str"),
+        ("optim.warmup_steps=2.5", "optim.warmup_steps=2.5: expected an integer, got float"),
+        ("optim.betas=[0.9,x]", r"optim.betas=\[0.9, 'x'\]: expected a list of numbers"),
+        ("model.d_model=wide", "model.d_model='wide': expected an integer, got str"),
     ],
 )
 def test_bad_values_fail_before_training(
