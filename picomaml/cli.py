@@ -3,7 +3,8 @@
 Every entry point takes Hydra-style ``key=value`` arguments (``train`` is a Hydra app, so it also takes
 ``group=option`` and ``-m``); the others parse them here into a dataclass whose docstring is their
 ``--help``. Values convert to the field's type, an unknown key or a bad value is one line naming it and
-the valid keys, and a missing or unreadable run ends the process with one line and exit code 1.
+the valid keys, and a missing or unreadable input ends the process with one line on stderr and exit
+code 2 (:func:`usage_error`), never a traceback.
 """
 
 from __future__ import annotations
@@ -38,16 +39,16 @@ def parse_cli_args(cls: type[Args], argv: list[str], prog: str) -> Args:
         key, sep, raw = arg.partition("=")
         key = key.lstrip("+")
         if not sep:
-            raise SystemExit(f"{prog}: expected key=value, got {arg!r}\n{usage}")
+            raise usage_error(f"{prog}: expected key=value, got {arg!r}\n{usage}")
         if key not in fields:
-            raise SystemExit(f"{prog}: unknown key {key!r}; valid keys: {', '.join(fields)}")
+            raise usage_error(f"{prog}: unknown key {key!r}; valid keys: {', '.join(fields)}")
         try:
             values[key] = _convert(raw, hints[key])
         except ValueError as err:
-            raise SystemExit(f"{prog}: {key}={raw!r}: {err}") from err
+            raise usage_error(f"{prog}: {key}={raw!r}: {err}") from err
     missing = [name for name, f in fields.items() if _required(f) and name not in values]
     if missing:
-        raise SystemExit(f"{prog}: missing required key(s) {', '.join(missing)}\n{usage}")
+        raise usage_error(f"{prog}: missing required key(s) {', '.join(missing)}\n{usage}")
     return cls(**values)
 
 
@@ -77,8 +78,17 @@ def _convert(raw: str, hint: Any) -> Any:
 
 def main_guard(fn: typing.Callable[[list[str]], Any], argv: list[str] | None = None) -> Any:
     """Run a CLI body, turning a bad path or value (ValueError, e.g. :class:`~picomaml.runs.RunError`,
-    or FileNotFoundError) into one line ``error: ...`` and exit code 1."""
+    or OSError such as FileNotFoundError) into one line ``error: ...`` and exit code 2."""
     try:
         return fn(sys.argv[1:] if argv is None else argv)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from err
+    except (ValueError, OSError) as err:
+        raise usage_error(f"error: {err}") from err
+
+
+def usage_error(message: str) -> SystemExit:
+    """A SystemExit that ends the process with ``message`` on stderr and exit code 2 (bad input, as
+    argparse), while ``str()`` of it stays the message for callers that catch it."""
+    print(message, file=sys.stderr)
+    error = SystemExit(message)
+    error.code = 2
+    return error

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from picomaml.cli import main_guard, parse_cli_args
+from picomaml.cli import main_guard, parse_cli_args, usage_error
 from picomaml.model.generation import check_context, generate
 from picomaml.runs import load_run
 
@@ -54,7 +54,7 @@ def _main(argv: list[str]) -> str:
     try:
         check_context(prompt_ids.shape[1], args.max_new_tokens, run.model_config.max_seq_len)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+        raise usage_error(f"error: {err}") from err
     out = generate(
         run.model.to(device),
         prompt_ids,

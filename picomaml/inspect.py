@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.tree import Tree
 from torch import nn
 
-from picomaml.cli import parse_cli_args
+from picomaml.cli import parse_cli_args, usage_error
 from picomaml.model import PicoDecoder, load_model_config, model_flops_per_token
 
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[ModuleRecord]:
     try:
         return inspect_model(args)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+        raise usage_error(f"error: {err}") from err
 
 
 if __name__ == "__main__":

@@ -179,7 +179,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:
-        raise RunError(f"{path} cannot be read ({err}); it is corrupt or not a checkpoint") from err
+        raise RunError(
+            f"{path} cannot be read ({_first_line(err)}); it is corrupt or not a checkpoint"
+        ) from err
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not hparams or "model_config" not in hparams or "state_dict" not in checkpoint:
         raise RunError(f"{path} is not a picomaml checkpoint (no model_config / state_dict inside)")
@@ -267,11 +269,17 @@ def load_model(path: str | Path, preset: str | None = None) -> PicoDecoder:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise RunError(f"{path} cannot be read as a state_dict ({err})") from err
+            raise RunError(f"{path} cannot be read as a state_dict ({_first_line(err)})") from err
         config = load_model_config(preset)
     model = PicoDecoder(config)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _first_line(err: BaseException) -> str:
+    """torch.load's errors run over many lines; one line of them is the reason."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def _with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

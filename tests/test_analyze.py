@@ -76,3 +76,11 @@ def test_attention_probabilities_reproduce_the_attention_output() -> None:
     with torch.no_grad():
         rebuilt = attention.o_proj(heads.reshape(1, 10, 32))
     torch.testing.assert_close(rebuilt, seen["out"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_without_metrics_or_checkpoints_is_nothing_to_analyse(tmp_path: Path) -> None:
+    (tmp_path / "training_config.yaml").write_text("model: {}\n")
+    with pytest.raises(SystemExit, match="nothing to analyse") as exit_info:
+        main([f"path={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "analysis").exists()

@@ -82,3 +82,22 @@ def test_export_saves_the_tokenizer(model: PicoDecoder, tmp_path: Path) -> None:
     export_to_hf(model, tmp_path, tokenizer=tokenizer)
     assert AutoTokenizer.from_pretrained(tmp_path)("hello world")["input_ids"] == [2, 3]
     assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == 0
+
+
+@pytest.mark.parametrize("kind", ["missing", "yaml", "directory"])
+def test_cli_bad_input_is_one_line_and_exit_code_2(
+    kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if kind == "missing":
+        args = [f"ckpt_path={tmp_path / 'nope.ckpt'}"]
+    elif kind == "yaml":  # a config file is not a checkpoint: refused, never unpickled
+        (tmp_path / "config.yaml").write_text("model: tiny\n")
+        args = [f"ckpt_path={tmp_path / 'config.yaml'}", "preset=tiny"]
+    else:
+        args = [f"ckpt_path={tmp_path}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, f"out={tmp_path / 'hf'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "hf").exists()

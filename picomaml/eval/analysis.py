@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from picomaml.model import ModelConfig, PicoDecoder
 from picomaml.model.pico_decoder import apply_rope, rope_rotations
-from picomaml.runs import TRAINING_CONFIG, LoadedRun, RunError, load_run
+from picomaml.runs import TRAINING_CONFIG, LoadedRun, RunError, checkpoint_steps_available, load_run
 
 DEFAULT_PROMPT = "The history of the city begins with a small village on the river, where"
 
@@ -319,6 +319,11 @@ def analyze(
     """Write every figure the run or sweep at ``path`` has data for and ``summary.md``; returns its path."""
     path = Path(path)
     runs = find_runs(path)
+    if not any(run.metrics or checkpoint_steps_available(run.path) for run in runs):
+        raise RunError(
+            f"nothing to analyse in {path}: no logged metrics (csv/metrics.csv) and no checkpoint in "
+            f"{', '.join(str(r.path) for r in runs)}"
+        )
     out = path / "analysis"
     out.mkdir(exist_ok=True)
     sections: list[tuple[str, Path | None, str]] = [
