@@ -80,6 +80,7 @@ class LoadedRun:
 
         section = OmegaConf.to_container(self.train_config.data, resolve=True)
         section.update(overrides)
+        check_targets(section, "data")
         return instantiate(section, _convert_="all")
 
 
@@ -174,10 +175,45 @@ def load_run(path: str | Path, step: int | None = None) -> LoadedRun:
     )
 
 
+# What a config rebuilt from a run dir may instantiate: picomaml's own classes and nothing else. A run
+# dir may come from anywhere, and Hydra would otherwise call any importable `_target_` (torch.load,
+# os.system, ...) with arguments from the file.
+SAFE_TARGETS = frozenset(
+    {
+        "picomaml.data.PicoDataModule",
+        "picomaml.data.datamodule.PicoDataModule",
+        "picomaml.model.ModelConfig",
+        "picomaml.model.pico_decoder.ModelConfig",
+        "picomaml.meta.MetaConfig",
+        "picomaml.meta.config.MetaConfig",
+    }
+)
+
+
+def check_targets(node: Any, where: str) -> None:
+    """Raise :class:`RunError` when ``node`` (a config as plain containers) names a ``_target_`` outside
+    :data:`SAFE_TARGETS`, at any depth."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and target not in SAFE_TARGETS:
+            raise RunError(
+                f"{where}._target_={target!r} is not one of picomaml's classes "
+                f"({', '.join(sorted(SAFE_TARGETS))}); refusing to instantiate it from a run directory"
+            )
+        for key, value in node.items():
+            check_targets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_targets(value, f"{where}[{i}]")
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A picomaml Lightning checkpoint's dict (memory-mapped), or :class:`RunError` saying why not."""
+    """A picomaml Lightning checkpoint's dict (memory-mapped), or :class:`RunError` saying why not.
+
+    Only tensors and plain containers are unpickled (``weights_only=True``): a checkpoint from an
+    untrusted run dir cannot execute code."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         raise RunError(
             f"{path} cannot be read ({_first_line(err)}); it is corrupt or not a checkpoint"

@@ -187,7 +187,10 @@ def plot_cka(run: RunInfo, out: Path, layer_suffix: str = "swiglu.w_2") -> Path 
     if len(steps) < 2:
         return None
     acts = [
-        torch.load(run.path / "checkpoints" / f"step_{s}" / "learning_dynamics" / "val_activations.pt")
+        torch.load(
+            run.path / "checkpoints" / f"step_{s}" / "learning_dynamics" / "val_activations.pt",
+            weights_only=True,
+        )
         for s in steps
     ]
     names = [n for n in acts[0] if n == layer_suffix or n.endswith("." + layer_suffix)]
