@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_FILE = "checkpoint.ckpt"
 LAST_FILE = "last.ckpt"
 LATEST_LINK = "latest"
+log = logging.getLogger(__name__)
 
 TRAINING_CONFIG = "training_config.yaml"
 RESULT_FILE = "result.json"
@@ -254,7 +256,9 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> Path | None:
     """The checkpoint a training run starts from: ``ckpt_path`` if given (a ``.ckpt``, a step dir or a
     run dir), else the run dir's own ``last.ckpt``, else None (a fresh run).
 
-    A run dir that already holds a run but no checkpoint is refused rather than silently overwritten.
+    A ``last.ckpt`` that is missing or does not load (truncated, garbage) falls back to the newest step
+    checkpoint that loads, with a warning naming both. A run dir that already holds a run but no
+    loadable checkpoint is refused rather than silently overwritten.
     Raises :class:`~picomaml.config.ConfigError` naming ``ckpt_path``.
     """
     if ckpt_path:
@@ -270,16 +274,46 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> Path | None:
             )
         return path
     last = output_dir / CHECKPOINTS_DIR / LAST_FILE
-    if last.is_file():
+    if last.is_file() and _loadable(last):
         return last
+    fallback = _newest_loadable_step(output_dir)
+    if fallback is not None:
+        why = "cannot be read" if last.is_file() else "is missing"
+        log.warning(
+            "%s %s; resuming from %s, the newest step checkpoint that loads", last, why, fallback.parent.name
+        )
+        return fallback
+    if last.is_file():
+        raise ConfigError(
+            f"{last} cannot be read and no checkpoints/step_<N>/{CHECKPOINT_FILE} in {output_dir} loads; "
+            "resume from a copy with ckpt_path=<file or step dir>, or pick another run_name"
+        )
     leftovers = [p for p in (CHECKPOINTS_DIR, "csv", "tensorboard") if (output_dir / p).exists()]
     if (output_dir / RESULT_FILE).exists() and not _failed_before_training(output_dir / RESULT_FILE):
         leftovers.append(RESULT_FILE)
     if leftovers:
         raise ConfigError(
             f"output dir {output_dir} already holds a run ({', '.join(leftovers)}) but no "
-            "checkpoints/last.ckpt to resume from; pick another run_name or move that directory away"
+            "checkpoint to resume from; resume from one with ckpt_path=<file or step dir>, pick another "
+            "run_name, or move that directory away"
         )
+    return None
+
+
+def _loadable(path: Path) -> bool:
+    try:
+        read_checkpoint(path)
+    except RunError:
+        return False
+    return True
+
+
+def _newest_loadable_step(run_dir: Path) -> Path | None:
+    """The newest ``checkpoints/step_<N>/checkpoint.ckpt`` that reads as a picomaml checkpoint."""
+    for step in reversed(checkpoint_steps_available(run_dir)):
+        path = run_dir / CHECKPOINTS_DIR / step_dir_name(step) / CHECKPOINT_FILE
+        if _loadable(path):
+            return path
     return None
 
 

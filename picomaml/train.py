@@ -43,7 +43,7 @@ from picomaml.lit.optim import OptimConfig
 from picomaml.lit.slurm import preemption_callbacks, submitit_plugins
 from picomaml.meta import MetaConfig
 from picomaml.model import ModelConfig
-from picomaml.runs import check_architecture, resume_checkpoint
+from picomaml.runs import RESULT_FILE, check_architecture, resume_checkpoint
 from picomaml.sweep import trial_reporter
 from picomaml.utils.config_tree import print_config_tree
 
@@ -203,15 +203,31 @@ class PruningListener:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job and return `{"metric", "status", "wall_time_s", "tokens_seen", ...}`.
 
-    The same dict is written to `<output_dir>/result.json` (also when the job fails) so sweep reports
-    can read every job, finished or not.
+    Nothing in the run dir changes until the whole config has been checked (`prepare_run`): a single
+    run whose config is wrong leaves an existing run exactly as it was and no new directory behind.
+    After the check, the same dict is written to `<output_dir>/result.json` (also when the job fails) so
+    sweep reports can read every job, finished or not; in a multirun, whose job dirs are always new, a
+    job that fails its config check records that too, so the sweep shows it.
     """
     start = time.time()
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
+        write_hydra_record(cfg, hydra_cfg, output_dir)
     result: dict[str, Any] = {"metric": None, "metric_name": cfg.optimized_metric, "status": "failed"}
+    record = multirun
     try:
-        plan = prepare_run(cfg)
+        try:
+            plan = prepare_run(cfg)
+        except ConfigError:
+            if not multirun:
+                _discard_if_new(output_dir, hydra_cfg)
+            raise
+        record = True
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if hydra_cfg is not None and not multirun:
+            write_hydra_record(cfg, hydra_cfg, output_dir)
         print_config_tree(cfg, save_to=output_dir / "config_tree.log")
         save_training_config(cfg, output_dir)
         if plan.resume_from is not None:
@@ -234,8 +250,33 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         result["wall_time_s"] = time.time() - start
         _finish_wandb()
-        if _is_rank_zero():
-            (output_dir / "result.json").write_text(json.dumps(result, indent=2))
+        if record and _is_rank_zero():
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+
+
+def write_hydra_record(cfg: DictConfig, hydra_cfg: DictConfig, output_dir: Path) -> None:
+    """`.hydra/{config,hydra,overrides}.yaml`, as Hydra writes them. Hydra's own write happens before
+    the job starts (`hydra.output_subdir: null` turns it off), so it would overwrite the record of an
+    existing run even when the new config turns out to be wrong; picomaml writes it after the check."""
+    record = output_dir / ".hydra"
+    record.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, record / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)}), record / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(hydra_cfg.overrides.task)), record / "overrides.yaml")
+
+
+def _discard_if_new(output_dir: Path, hydra_cfg: DictConfig | None) -> None:
+    """Remove the run dir Hydra created for a command whose config failed its check, when it holds
+    nothing but Hydra's (empty or error-only) job log: nothing was trained, so nothing is lost."""
+    if not output_dir.is_dir():
+        return
+    job_log = f"{hydra_cfg.job.name}.log" if hydra_cfg is not None else None
+    entries = list(output_dir.iterdir())
+    if all(p.name == job_log and p.is_file() for p in entries):
+        for p in entries:
+            p.unlink()
+        output_dir.rmdir()
 
 
 def save_training_config(cfg: DictConfig, output_dir: Path) -> None:

@@ -1,0 +1,115 @@
+"""Runs that trust nothing: a bad last.ckpt falls back to a step that loads, and a failed start changes
+nothing on disk (issue 11)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from picomaml.config import ConfigError
+from picomaml.runs import resume_checkpoint
+from picomaml.train import train
+from tests.helpers import FAST, REPO, compose_train
+
+STEPS = [
+    "trainer.max_steps=4",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "trainer.val_check_interval=2",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """A 4-step run with checkpoints at steps 0, 1, 2, 4 (last.ckpt = step 4)."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    assert train(compose_train([*FAST, *STEPS], run_dir, cache_dir))["status"] == "completed"
+    return run_dir
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [("garbage", "step_4"), ("truncate", "step_2"), ("delete", "step_4")],
+)
+def test_a_bad_last_ckpt_falls_back_to_the_newest_step_that_loads(
+    damage: str, expected: str, finished_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_dir = _copy(finished_run, tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if damage == "garbage":  # a new file: step_4's checkpoint (its former hard link) stays intact
+        last.unlink()
+        last.write_bytes(b"\x00not a checkpoint" * 100)
+    elif damage == "truncate":  # last.ckpt is a hard link to step_4's checkpoint: both are truncated
+        with open(last, "r+b") as file:
+            file.truncate(1000)
+    else:
+        last.unlink()
+    with caplog.at_level(logging.WARNING, logger="picomaml.runs"):
+        chosen = resume_checkpoint(None, run_dir)
+    assert chosen == run_dir / "checkpoints" / expected / "checkpoint.ckpt"
+    assert any(expected in r.getMessage() and "last.ckpt" in r.getMessage() for r in caplog.records)
+
+
+def test_nothing_loadable_names_ckpt_path(finished_run: Path, tmp_path: Path) -> None:
+    run_dir = _copy(finished_run, tmp_path / "run")
+    for ckpt in (run_dir / "checkpoints").rglob("*.ckpt"):
+        if not ckpt.is_symlink():
+            ckpt.write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match=r"cannot be read.*ckpt_path="):
+        resume_checkpoint(None, run_dir)
+
+
+def test_a_rerun_resumes_from_the_fallback_and_finishes(
+    finished_run: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    run_dir = _copy(finished_run, tmp_path / "run")
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
+    steps = [s for s in STEPS if "max_steps" not in s]
+    result = train(compose_train([*FAST, *steps, "trainer.max_steps=6"], run_dir, cache_dir))
+    assert (result["status"], result["global_step"]) == ("completed", 6)
+
+
+def _snapshot(run_dir: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_a_failed_start_changes_nothing_on_disk(tmp_path: Path, cache_dir: Path) -> None:
+    env = {**os.environ, "PICOMAML_CACHE": str(cache_dir), "PICOMAML_ROOT": str(tmp_path)}
+    overrides = [o for o in FAST if "enable_" not in o] + ["trainer.enable_progress_bar=false"]
+    cmd = [sys.executable, "-m", "picomaml.train", *overrides, "run_name=done"]
+    first = subprocess.run([*cmd, "trainer.max_steps=2"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = next((tmp_path / "outputs").rglob("done"))
+    before = _snapshot(run_dir)
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "completed"
+    assert {".hydra/config.yaml", ".hydra/overrides.yaml"} <= set(before)
+
+    # trainer.max_steps does not enter the run name: the same dir, a config that fails its check
+    bad = subprocess.run([*cmd, "trainer.max_steps=-1"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and "trainer.max_steps must be a positive" in bad.stderr
+    after = _snapshot(run_dir)
+    after.pop("train.log", None), before.pop("train.log", None)  # Hydra's log may gain a line
+    assert after == before
+
+    # a fresh command with a config error leaves no directory behind
+    fresh = subprocess.run(
+        [*cmd[:-1], "run_name=never", "data.seq_len=4096"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert fresh.returncode == 1 and "data.seq_len=4096" in fresh.stderr
+    assert not list((tmp_path / "outputs").rglob("never"))
