@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,6 +316,62 @@ def _newest_loadable_step(run_dir: Path) -> Path | None:
         if _loadable(path):
             return path
     return None
+
+
+def metrics_row_step(row: dict[str, str | None]) -> int | None:
+    """A ``csv/metrics.csv`` row's step (a row from ``csv.DictReader``), or None for a row that cannot
+    be a logged row: an empty or garbled step, or more or fewer cells than the header. Readers drop such
+    rows instead of failing, so a damaged file never makes a run unresumable or unreadable."""
+    if None in row or any(value is None for value in row.values()):
+        return None  # csv.DictReader's marks for too many / too few cells
+    try:
+        return int(float(row["step"] or ""))
+    except ValueError:
+        return None
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """One process per run dir: an exclusive ``flock`` on ``<run>/.lock``, held for the whole run.
+
+    The kernel drops the lock when its holder dies, however it dies (kill -9, OOM, a SLURM preemption),
+    so a killed run never blocks its rerun or its requeue; a live holder is named (pid, host, since) in
+    the refusal. Only the process that owns the run takes it (global rank 0; the other ranks of a
+    data-parallel job run inside the same lock).
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # the run dir is created here, under the lock
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(
+                f"run dir {self.path.parent} is in use by {holder}; wait for it to finish, or give this "
+                "command another run_name"
+            ) from None
+        os.ftruncate(fd, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {started})\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays, harmless and reusable
+            self._fd = None
 
 
 def _failed_before_training(result_file: Path) -> bool:

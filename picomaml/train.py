@@ -43,7 +43,7 @@ from picomaml.lit.optim import OptimConfig
 from picomaml.lit.slurm import preemption_callbacks, submitit_plugins
 from picomaml.meta import MetaConfig
 from picomaml.model import ModelConfig
-from picomaml.runs import RESULT_FILE, check_architecture, resume_checkpoint
+from picomaml.runs import RESULT_FILE, RunLock, check_architecture, resume_checkpoint
 from picomaml.sweep import trial_reporter
 from picomaml.utils.config_tree import print_config_tree
 
@@ -217,6 +217,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_hydra_record(cfg, hydra_cfg, output_dir)
     result: dict[str, Any] = {"metric": None, "metric_name": cfg.optimized_metric, "status": "failed"}
     record = multirun
+    lock = RunLock(output_dir)
     try:
         try:
             plan = prepare_run(cfg)
@@ -224,8 +225,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if not multirun:
                 _discard_if_new(output_dir, hydra_cfg)
             raise
-        record = True
+        if _is_owner_process():
+            lock.acquire()  # checked and not yet written: a second identical command stops here
         output_dir.mkdir(parents=True, exist_ok=True)
+        record = True
         if hydra_cfg is not None and not multirun:
             write_hydra_record(cfg, hydra_cfg, output_dir)
         print_config_tree(cfg, save_to=output_dir / "config_tree.log")
@@ -253,6 +256,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if record and _is_rank_zero():
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+        lock.release()
 
 
 def write_hydra_record(cfg: DictConfig, hydra_cfg: DictConfig, output_dir: Path) -> None:
@@ -284,6 +288,14 @@ def save_training_config(cfg: DictConfig, output_dir: Path) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.setdefault("checkpointing", {})["run_name"] = cfg.run_name or output_dir.name
     (output_dir / "training_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+
+
+def _is_owner_process() -> bool:
+    """The process that owns the run dir: not a worker that a distributed launcher started (those run
+    the same command with RANK / LOCAL_RANK set, or SLURM_PROCID in a multi-task SLURM job)."""
+    import os
+
+    return all(os.environ.get(key, "0") in ("", "0") for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
 
 
 def _is_rank_zero() -> bool:

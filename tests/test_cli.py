@@ -26,7 +26,7 @@ def test_every_tool_rejects_an_unknown_key_by_name(tool: str) -> None:
         main(["no_such_key=1"])
 
 
-@pytest.mark.parametrize("bench", ["train", "meta", "sweep"])
+@pytest.mark.parametrize("bench", ["train", "meta", "sweep", "downstream"])
 def test_benchmarks_answer_help(bench: str, capsys: pytest.CaptureFixture[str]) -> None:
     from picomaml.bench import main
 

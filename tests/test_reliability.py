@@ -113,3 +113,45 @@ def test_a_failed_start_changes_nothing_on_disk(tmp_path: Path, cache_dir: Path)
     )
     assert fresh.returncode == 1 and "data.seq_len=4096" in fresh.stderr
     assert not list((tmp_path / "outputs").rglob("never"))
+
+
+def test_a_second_process_in_a_run_dir_is_refused_and_a_killed_holder_blocks_nothing(
+    finished_run: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    run_dir = _copy(finished_run, tmp_path / "run")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from picomaml.runs import RunLock; "
+         f"RunLock({str(run_dir)!r}).acquire(); print('locked', flush=True); time.sleep(600)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = compose_train([*FAST, *STEPS[1:], "trainer.max_steps=6"], run_dir, cache_dir)
+        before = _snapshot(run_dir)
+        with pytest.raises(ConfigError, match=rf"is in use by pid {holder.pid} on host \S+ \(since "):
+            train(cfg)
+        assert _snapshot(run_dir) == before  # the refused process wrote nothing
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, as after an OOM kill or a preemption
+        holder.wait()
+    result = train(compose_train([*FAST, *STEPS[1:], "trainer.max_steps=6"], run_dir, cache_dir))
+    assert (result["status"], result["global_step"]) == ("completed", 6)
+
+
+def test_damaged_metrics_rows_never_block_a_resume(
+    finished_run: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    from picomaml.eval.analysis import read_metrics
+
+    run_dir = _copy(finished_run, tmp_path / "run")
+    metrics = run_dir / "csv" / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    width = lines[0].count(",")
+    # what two writers interleaving in one file left behind: a row with an empty step, a shifted row
+    damaged = [*lines, "," * width, "1," + ",".join(["0.5"] * (width + 3))]
+    metrics.write_text("\n".join(damaged) + "\n")
+    assert [step for step, _ in read_metrics(run_dir)["val/loss"]] == [2, 4]  # readable, damage dropped
+    result = train(compose_train([*FAST, *STEPS[1:], "trainer.max_steps=6"], run_dir, cache_dir))
+    assert (result["status"], result["global_step"]) == ("completed", 6)
+    rows = metrics.read_text().splitlines()
+    assert all(row.split(",")[lines[0].split(",").index("step")] for row in rows[1:])

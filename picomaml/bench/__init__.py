@@ -3,6 +3,7 @@
 - ``train``: steady-state pretraining steps: tokens/s, model FLOPs, MFU against the measured matmul peak.
 - ``meta``: a MAML step against an AR step over the same rows and tokens.
 - ``sweep``: an optuna study's per-trial overheads, asynchronous trials vs blocking batches.
+- ``downstream``: few-shot scoring of a model on the real labelled tasks (encoding vs adaptation time).
 
 Each writes JSON (``out=``) and prints it. Performance is measured here, never by timed tests.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from picomaml.bench.downstream import bench_downstream
 from picomaml.bench.meta import bench_meta
 from picomaml.bench.sweep import bench_sweep
 from picomaml.bench.train import bench_train
@@ -20,6 +22,7 @@ COMMANDS: dict[str, Callable[[list[str]], dict[str, object]]] = {
     "train": bench_train,
     "meta": bench_meta,
     "sweep": bench_sweep,
+    "downstream": bench_downstream,
 }
 
 

@@ -37,7 +37,14 @@ from omegaconf import OmegaConf
 
 from picomaml.model import ModelConfig, PicoDecoder
 from picomaml.model.pico_decoder import apply_rope, rope_rotations
-from picomaml.runs import TRAINING_CONFIG, LoadedRun, RunError, checkpoint_steps_available, load_run
+from picomaml.runs import (
+    TRAINING_CONFIG,
+    LoadedRun,
+    RunError,
+    checkpoint_steps_available,
+    load_run,
+    metrics_row_step,
+)
 
 DEFAULT_PROMPT = "The history of the city begins with a small village on the river, where"
 
@@ -69,7 +76,10 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         return metrics
     with open(path) as file:
         for row in csv.DictReader(file):
-            step = int(float(row.pop("step")))
+            step = metrics_row_step(row)
+            if step is None:  # a damaged row (see picomaml.runs.metrics_row_step)
+                continue
+            del row["step"]
             for key, value in row.items():
                 if value not in ("", None):
                     metrics.setdefault(key, []).append((step, float(value)))

@@ -8,11 +8,16 @@ only the rows logged after it, which the resumed run logs again; the file then r
 from __future__ import annotations
 
 import csv
+import logging
 import os
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from picomaml.runs import metrics_row_step
+
+log = logging.getLogger(__name__)
 
 
 class _ResumableWriter(ExperimentWriter):
@@ -29,7 +34,14 @@ class _ResumableWriter(ExperimentWriter):
         with open(self.metrics_file_path, newline="") as file:
             reader = csv.DictReader(file)
             keys = list(reader.fieldnames or [])
-            rows = [row for row in reader if int(float(row["step"])) <= self._keep_through_step]
+            rows = [
+                row
+                for row in reader
+                if metrics_row_step(row) is not None and metrics_row_step(row) <= self._keep_through_step
+            ]
+        if not keys or "step" not in keys:
+            log.warning("%s has no step column; starting it afresh", self.metrics_file_path)
+            keys, rows = [], []
         tmp = self.metrics_file_path + ".tmp"
         with open(tmp, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=keys)
