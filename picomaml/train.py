@@ -38,7 +38,7 @@ from picomaml.lit.checkpoint_io import AtomicCheckpointIO
 from picomaml.lit.checkpointing import StepCheckpoints
 from picomaml.lit.dynamics import LearningDynamics, match_modules
 from picomaml.lit.loggers import ResumableCSVLogger
-from picomaml.lit.module import PicoLitModule
+from picomaml.lit.module import DivergenceError, PicoLitModule
 from picomaml.lit.optim import OptimConfig
 from picomaml.lit.slurm import preemption_callbacks, submitit_plugins
 from picomaml.meta import MetaConfig
@@ -249,6 +249,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         result["error"] = f"{type(err).__name__}: {err}"
         if isinstance(err, optuna.TrialPruned):
             result["status"] = "pruned"
+        elif isinstance(err, DivergenceError):
+            result.update(status="diverged", diverged_at_step=err.step)
         raise
     finally:
         result["wall_time_s"] = time.time() - start
@@ -314,9 +316,11 @@ def _finish_wandb() -> None:
 def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg)["metric"]
-    except ConfigError as err:
+    except (ConfigError, DivergenceError) as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # sweepers record the job's exception as that trial's failure, and go on
+        if isinstance(err, DivergenceError):
+            raise SystemExit(f"picomaml: {err}") from err
         # one line naming the key, not a traceback: nothing has been trained or overwritten yet
         raise SystemExit(f"picomaml: config error: {err}") from err
 

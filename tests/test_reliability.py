@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from picomaml.config import ConfigError
 from picomaml.runs import resume_checkpoint
-from picomaml.train import train
+from picomaml.train import prepare_run, train
 from tests.helpers import FAST, REPO, compose_train
 
 STEPS = [
@@ -155,3 +156,39 @@ def test_damaged_metrics_rows_never_block_a_resume(
     assert (result["status"], result["global_step"]) == ("completed", 6)
     rows = metrics.read_text().splitlines()
     assert all(row.split(",")[lines[0].split(",").index("step")] for row in rows[1:])
+
+
+def test_divergence_stops_the_run_without_saving_nonfinite_weights(tmp_path: Path, cache_dir: Path) -> None:
+    from picomaml.lit.module import DivergenceError
+
+    overrides = [*FAST, *STEPS[1:], "trainer.max_steps=8", "optim.lr=1e6", "optim.warmup_steps=0"]
+    with pytest.raises(DivergenceError, match=r"diverged at step \d+: non-finite") as err:
+        train(compose_train(overrides, tmp_path, cache_dir))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["status"], result["diverged_at_step"]) == ("diverged", err.value.step)
+    assert err.value.step < 8
+    for ckpt in (tmp_path / "checkpoints").rglob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values()), ckpt
+
+
+def test_nonfinite_patience_skips_isolated_bad_steps(tmp_path: Path, cache_dir: Path) -> None:
+    from picomaml.lit.module import PicoLitModule
+
+    plan = prepare_run(
+        compose_train([*FAST, "trainer.max_steps=4", "optim.nonfinite_patience=1"], tmp_path, cache_dir)
+    )
+    module: PicoLitModule = plan.module
+    original = PicoLitModule.training_step
+    calls = {"n": 0}
+
+    def poisoned(self, batch, batch_idx):  # the second micro-batch's loss is NaN
+        calls["n"] += 1
+        if calls["n"] == 2:
+            self._loss_nonfinite = torch.ones((), dtype=torch.bool)
+        return original(self, batch, batch_idx)
+
+    module.training_step = poisoned.__get__(module)
+    plan.trainer.fit(module, datamodule=plan.datamodule)
+    assert plan.trainer.global_step == 4 and calls["n"] == 5  # one batch skipped, four updates
+    assert all(torch.isfinite(p).all() for p in module.parameters())

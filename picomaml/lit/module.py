@@ -11,6 +11,7 @@ bar and `callback_metrics`. AR and meta losses are always logged under separate 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -25,6 +26,20 @@ from picomaml.lit.optim import OptimConfig, build_optimizer
 from picomaml.meta import MetaConfig, MetaHead, meta_forward, meta_test_tasks
 from picomaml.model import ModelConfig, PicoDecoder
 from picomaml.model.flops import model_flops_per_token
+
+log = logging.getLogger(__name__)
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or gradient norm for more steps in a row than allowed."""
+
+    def __init__(self, step: int, grad_norm: float, streak: int) -> None:
+        self.step = step
+        super().__init__(
+            f"diverged at step {step}: non-finite loss or gradient norm (grad norm {grad_norm}) for "
+            f"{streak} step(s) in a row; no update was applied and no non-finite weights were saved. "
+            "Lower optim.lr, or let optim.nonfinite_patience skip isolated bad steps"
+        )
 
 
 def is_meta_step(step: int, meta: MetaConfig | None, seed: int) -> bool:
@@ -74,6 +89,8 @@ class PicoLitModule(pl.LightningModule):
         self.meta_steps = 0
         self.ar_steps = 0
         self._micro_step = 0
+        self._loss_nonfinite = torch.zeros((), dtype=torch.bool)
+        self._nonfinite_streak = 0
         self._window = _StepWindow()
         self._val_loss_sum = 0.0
         self._val_tokens = 0
@@ -85,7 +102,7 @@ class PicoLitModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer, scheduler = build_optimizer(
-            list(self.parameters()), self.optim_config, max(1, self.trainer.max_steps)
+            list(self.named_parameters()), self.optim_config, max(1, self.trainer.max_steps)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -108,6 +125,7 @@ class PicoLitModule(pl.LightningModule):
             self._window.add("train/loss_meta", loss_meta)
             for name, value in stats.items():
                 self._window.add(f"meta/{name}", value)
+        self._loss_nonfinite = self._loss_nonfinite | ~torch.isfinite(loss.detach())
         self.manual_backward(loss / self.optim_config.accumulate_grad_batches)
         self._micro_step += 1
         if self._micro_step < self.optim_config.accumulate_grad_batches:
@@ -137,7 +155,10 @@ class PicoLitModule(pl.LightningModule):
     def _optimizer_step(self) -> None:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
-        grad_norm = _grad_norm(self.parameters()) if self._should_log() else None
+        grad_norm = _grad_norm(self.parameters())
+        if self._skip_nonfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            return
         if self.optim_config.grad_clip > 0:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.optim_config.grad_clip, gradient_clip_algorithm="norm"
@@ -147,12 +168,33 @@ class PicoLitModule(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         # global_step now counts this update; metrics are logged against it
-        if grad_norm is not None:
+        if self._should_log(self.global_step - 1):
             self._log_train_window(lr, grad_norm)
 
-    def _should_log(self) -> bool:
-        # global_step is the count before this update; log the updates that land on the cadence
-        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+    def _skip_nonfinite(self, grad_norm: torch.Tensor) -> bool:
+        """Whether this optimizer step must be skipped: its loss or gradient norm is not finite.
+
+        A skipped step leaves the weights (and so every checkpoint) finite. More than
+        `optim.nonfinite_patience` such steps in a row raise :class:`DivergenceError`, which ends the run
+        as `diverged` instead of training on NaN weights to a `completed` run with a NaN metric.
+        """
+        bad = (self._loss_nonfinite | ~torch.isfinite(grad_norm.to(self._loss_nonfinite.device))).float()
+        self._loss_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        if self.trainer.world_size > 1:  # every rank must take the same decision
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if not bool(bad > 0):  # one host sync per optimizer step
+            self._nonfinite_streak = 0
+            return False
+        self._nonfinite_streak += 1
+        step = self.global_step + 1
+        if self._nonfinite_streak > self.optim_config.nonfinite_patience:
+            raise DivergenceError(step, float(grad_norm), self._nonfinite_streak)
+        log.warning("step %d: non-finite loss or gradient norm (%s); update skipped", step, float(grad_norm))
+        return True
+
+    def _should_log(self, completed_steps: int) -> bool:
+        # log the updates that land on the cadence (completed_steps counts the updates before this one)
+        return (completed_steps + 1) % max(1, self.trainer.log_every_n_steps) == 0
 
     def _log_train_window(self, lr: float, grad_norm: torch.Tensor) -> None:
         # every rank reaches this on the same steps and with the same keys, so the collective is safe
