@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from picomaml.config import CONF_DIR
 from picomaml.data.tokenizer import load_tokenizer
 from picomaml.meta import BATCH_KEYS, EpisodeSampler, MetaBatchDataset, MetaConfig, WordIndex
 from picomaml.meta.words import ENGLISH_STOP_WORDS, split_is_meta_test
-from tests.conftest import compose_train
+from tests.helpers import compose_train
 
 CONF_META = CONF_DIR / "meta"
 CORPUS_TOKENS = 300_000
@@ -45,9 +46,30 @@ def index(wiki_tokens, tokenizer) -> WordIndex:
     return WordIndex.build(wiki_tokens, tokenizer, CFG)
 
 
-def _word_pattern(word: str) -> re.Pattern[str]:
-    # the index's notion of a whole word: not glued to letters, digits or non-ASCII characters
-    return re.compile(rf"(?<![A-Za-z0-9\u0080-\U0010ffff]){word}(?![A-Za-z0-9\u0080-\U0010ffff])", re.I)
+def _is_word_char(char: str) -> bool:
+    # the specification: letters, digits and combining marks of any script are word characters; spaces
+    # (NBSP too), punctuation, dashes and quotes are not
+    return unicodedata.category(char)[0] in "LMN"
+
+
+def _whole_words(text: str, word: str) -> list[tuple[int, int]]:
+    """Spans of ``word`` (any casing) in ``text`` that touch no word character on either side."""
+    spans = []
+    for match in re.finditer(re.escape(word), text, re.IGNORECASE):
+        start, end = match.span()
+        glued_before = start > 0 and _is_word_char(text[start - 1])
+        glued_after = end < len(text) and _is_word_char(text[end])
+        if not glued_before and not glued_after:
+            spans.append((start, end))
+    return spans
+
+
+def _without_words(text: str, word: str) -> str:
+    kept, last = [], 0
+    for start, end in _whole_words(text, word):
+        kept.append(text[last:start])
+        last = end
+    return "".join(kept) + text[last:]
 
 
 # -- config -------------------------------------------------------------------------------------------
@@ -175,14 +197,13 @@ def _check_window(batch, split, task, row, word, index, tokenizer):
     real = tokens[:length].tolist()
     assert index.mask_id in real
     original = tokenizer.decode(index.window_tokens(int(batch[f"{split}_windows"][task, row])))
-    pattern = _word_pattern(word)
-    assert pattern.search(original), f"class word {word!r} not in its window"
+    assert _whole_words(original, word), f"class word {word!r} not in its window"
     masked = tokenizer.decode(real)
-    assert not pattern.search(masked), f"class word {word!r} visible in {masked!r}"
+    assert not _whole_words(masked, word), f"class word {word!r} visible in {masked!r}"
     # masking removed exactly the class word: the rest of the text is unchanged
-    assert pattern.sub("", original).replace(" ", "") == masked.replace(tokenizer.mask_token, "").replace(
-        " ", ""
-    )
+    assert _without_words(original, word).replace(" ", "") == masked.replace(
+        tokenizer.mask_token, ""
+    ).replace(" ", "")
 
 
 def test_labels_are_a_fresh_permutation_per_task(index):
@@ -237,3 +258,63 @@ def test_too_few_eligible_words_fails_before_training(index):
         MetaBatchDataset(index, cfg, seed=0)
     for key in ("meta.n_way=5", "meta.k_shot=300", "meta.q_query=300", "distinct windows"):
         assert key in str(err.value)
+
+
+# -- word boundaries on decoded characters ----------------------------------------------------------
+
+# "river" next to an en/em dash, curly quotes (GPT-2 splits those over two tokens), guillemets, an
+# ellipsis, NBSP, a thin space (split too) and an ideographic space: every one is a whole word. Each text
+# also has a plain " river " so the word is a class even where punctuation is misread.
+RIVER_TEXTS = [
+    "The river–bank river “river” river\u00a0flows.",
+    "Ships on the river—river ‘river’ river’s banks by the river.",
+    "Mist over the river\u2009river «river» river… gone river\u3000river, river.",
+]
+
+
+# two classes of one support and one query window each, documents as windows, no meta-test words
+WORD_CFG = MetaConfig(
+    n_way=2, k_shot=1, q_query=1, tasks_per_step=4, window_len=64, min_window_tokens=2, meta_test_fraction=0.0
+)
+
+
+def _index_of(tokenizer, texts: list[str]) -> tuple[np.ndarray, WordIndex]:
+    """``WORD_CFG`` index of ``texts`` as documents separated by eos, every one its own window."""
+    eos = tokenizer.eos_token_id
+    ids = np.asarray([i for text in texts for i in [*tokenizer(text)["input_ids"], eos]], dtype=np.int32)
+    return ids, WordIndex.build(ids, tokenizer, WORD_CFG)
+
+
+def test_words_touching_dashes_quotes_and_unicode_spaces_are_occurrences(tokenizer):
+    ids, index = _index_of(tokenizer, RIVER_TEXTS)
+    assert sum(len(_whole_words(text, "river")) for text in RIVER_TEXTS) == 16
+    spans = index.occurrences("river")
+    assert len(spans) == 16
+    for start, length in spans:
+        assert tokenizer.decode(ids[start : start + length]).strip().lower() == "river"
+    assert {"bank", "flows", "banks", "ships", "mist", "gone"} <= set(index.words)
+
+
+def test_letters_of_any_script_stay_inside_their_word(tokenizer):
+    # precomposed accents (one token, or a character split over two), a decomposed accent (a combining
+    # mark split over two tokens) and a 4-byte letter split over three: no ASCII part is a word
+    _, index = _index_of(
+        tokenizer, ["café naïve Zürich riverŝriver cafe\u0301 river𝐀river", "the river flows"]
+    )
+    assert set(index.words) == {"river", "flows"}
+    assert len(index.occurrences("river")) == 1
+
+
+def test_every_class_word_touching_punctuation_is_masked(tokenizer):
+    # river and stone are the only words in two or more windows, so every task is river vs stone
+    stone_texts = ["A grey stone lay here.", "Every stone counted twice.", "Cold stone walls."]
+    _, index = _index_of(tokenizer, RIVER_TEXTS + stone_texts)
+    assert {index.words[w] for w in index.eligible(WORD_CFG.shots, False)} == {"river", "stone"}
+    dataset = MetaBatchDataset(index, WORD_CFG, seed=0)
+    for episode in range(3):
+        batch = dataset[episode]
+        for t in range(WORD_CFG.tasks_per_step):
+            words = batch["class_words"][t].tolist()
+            for split in ("support", "query"):
+                for row, label in enumerate(batch[f"{split}_labels"][t].tolist()):
+                    _check_window(batch, split, t, row, index.words[words[label]], index, tokenizer)

@@ -1,4 +1,4 @@
-"""Whole words in a byte-level BPE token stream, and an index word type -> occurrences -> windows.
+r"""Whole words in a byte-level BPE token stream, and an index word type -> occurrences -> windows.
 
 Word boundaries come from the tokenizer's byte-level pieces, never from re-tokenizing text, so the
 index works for any byte-level BPE (GPT-2, OLMo/GPT-NeoX): per token id we derive, once, from
@@ -6,18 +6,27 @@ index works for any byte-level BPE (GPT-2, OLMo/GPT-NeoX): per token id we deriv
 
 - ``lead_space``: the piece starts with a space byte (``Ġ``);
 - ``alpha``: the piece, without that space, is one or more ASCII letters;
-- ``glues``: the piece has no leading space and starts with a word character (ASCII letter or digit,
-  or a byte >= 0x80, i.e. part of a non-ASCII character), so it continues whatever word precedes it;
-- ``ends_word_char``: the piece ends with such a word character.
+- ``glues``: the piece starts with a *word character*;
+- ``ends_word_char``: the piece ends with a word character;
+- ``partial``: the piece is not whole UTF-8 characters, because the BPE split a character over
+  several tokens (GPT-2 writes a curly quote as two tokens, ``b" \xe2\x80"`` + ``b"\x9c"``).
 
-A token *continues* the previous one when it glues and the previous token ends with a word character;
-every other token (leading space, after a newline, punctuation, a special token, ...) starts a new
-*unit*. A **word occurrence** is a unit made only of alphabetic pieces: "Ġpine"+"apple" is one word
-"pineapple", "Ġcaf"+"é" and "Ġabc"+"123" are no words at all (so "caf" and "abc" never become classes
-that leave half a word unmasked), and "ĠJohn"+"'s" is the word "john" followed by punctuation. Word
-types are lower-cased strings, so "The", " the" and "THE" are one type whatever their BPE pieces are.
-Non-ASCII words are not indexed (documented limitation: the byte pieces of accented letters are not
-alphabetic on their own).
+Word characters are decided on decoded Unicode characters: letters, digits and combining marks of any
+script (categories L, N, M), so "é", "ü" or the accent of a decomposed "e\u0301" belong to the word
+around them, while spaces (NBSP and thin space too), punctuation, dashes, quotes and symbols separate
+words. Deciding on raw bytes instead (every byte >= 0x80 a word byte) would glue "river" to the en dash
+in "river–bank" or to the quotes in "“river”", so those occurrences would stay unmasked in the windows
+of their own class. The flags of a partial piece depend on its neighbours' bytes and are settled in
+context, per position, when the buffer is indexed (rare: ~0.3% of the tokens of the wiki corpus).
+
+A token *continues* the previous one when the two share a character split between them, or when it
+starts and the previous one ends with a word character; every other token (leading space, after a
+newline, punctuation, a special token, ...) starts a new *unit*. A **word occurrence** is a unit made
+only of alphabetic pieces: "Ġpine"+"apple" is one word "pineapple", "Ġcaf"+"é", "Z"+"ü"+"rich" and
+"Ġabc"+"123" are no words at all (so "caf", "rich" and "abc" never become classes that leave half a word
+unmasked), and "ĠJohn"+"'s" is the word "john" followed by punctuation. Word types are lower-cased
+strings, so "The", " the" and "THE" are one type whatever their BPE pieces are. Non-ASCII words are not
+indexed (documented limitation: the byte pieces of accented letters are not alphabetic on their own).
 
 **Windows.** The buffer is cut, once, into *windows*: each document (a run of tokens between special
 tokens such as eos) is split into ceil(len / window_len) nearly equal chunks whose boundaries are moved
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +74,15 @@ class TokenFlags:
     alpha: np.ndarray
     glues: np.ndarray
     ends_word_char: np.ndarray
+    partial: np.ndarray
+    """Pieces with a character split over tokens: their ``glues`` / ``ends_word_char`` say False and
+    the index decides them in context (see :func:`_boundary_flags`)."""
     special: np.ndarray
     """Special/added tokens (eos, mask, pad) and undecodable pieces: they separate documents."""
     text: list[str]
     """Lower-cased letters of each alphabetic piece without its leading space ('' for the others)."""
+    raw: list[bytes]
+    """The bytes of each piece (b'' for special tokens)."""
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> TokenFlags:
@@ -84,8 +99,10 @@ class TokenFlags:
         alpha = np.zeros(size, dtype=bool)
         glues = np.zeros(size, dtype=bool)
         ends = np.zeros(size, dtype=bool)
+        partial = np.zeros(size, dtype=bool)
         is_special = np.zeros(size, dtype=bool)
         text = [""] * size
+        raws = [b""] * size
         for i, piece in enumerate(pieces):
             try:
                 raw = piece.translate(to_bytes).encode("latin-1") if piece and i not in special else b""
@@ -94,19 +111,47 @@ class TokenFlags:
             if not raw:
                 is_special[i] = True
                 continue
+            raws[i] = raw
             space = raw[:1] == b" "
             body = raw[1:] if space else raw
             lead_space[i] = space
-            ends[i] = _is_word_byte(raw[-1])
-            glues[i] = not space and _is_word_byte(raw[0])
+            try:
+                chars = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                partial[i] = True
+            else:
+                glues[i] = _is_word_char(chars[0])  # a leading space is no word character
+                ends[i] = _is_word_char(chars[-1])
             if body.isalpha():  # ASCII-only for bytes; False when empty
                 alpha[i] = True
                 text[i] = body.decode("ascii").lower()
-        return cls(lead_space, alpha, glues, ends, is_special, text)
+        return cls(lead_space, alpha, glues, ends, partial, is_special, text, raws)
 
 
-def _is_word_byte(byte: int) -> bool:
-    return byte >= 0x80 or chr(byte).isalnum()
+def _is_word_char(char: str) -> bool:
+    """Letters and digits of any script (``isalnum`` is exactly Unicode categories L and N) and
+    combining marks, which belong to the letter they follow (the first block of them starts at U+0300,
+    so spaces and ASCII punctuation skip the category lookup)."""
+    return char.isalnum() or (char >= "\u0300" and unicodedata.category(char)[0] == "M")
+
+
+def _char_at(data: bytes, i: int) -> tuple[str, int]:
+    """The character whose UTF-8 encoding covers byte ``i`` of ``data``, and the index of its first byte.
+
+    A byte that belongs to no valid character (a stray continuation byte, a sequence cut by the end of
+    ``data``) decodes as U+FFFD on its own, like ``bytes.decode(errors="replace")``.
+    """
+    start = i
+    while start > max(0, i - 3) and 0x80 <= data[start] < 0xC0:  # continuation bytes: back to the lead
+        start -= 1
+    lead = data[start]
+    size = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    if start + size > i:
+        try:
+            return data[start : start + size].decode("utf-8"), start
+        except UnicodeDecodeError:
+            pass
+    return "\ufffd", i
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -262,11 +307,49 @@ class WordIndex:
 def _units(ids: np.ndarray, flags: TokenFlags) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Start positions and lengths of units (see module docstring), and the special-token mask."""
     n = ids.size
+    starts_word, ends_word, split = _boundary_flags(ids, flags)
     cont = np.zeros(n, dtype=bool)
     if n > 1:
-        cont[1:] = flags.glues[ids[1:]] & flags.ends_word_char[ids[:-1]]
+        cont[1:] = split[1:] | (starts_word[1:] & ends_word[:-1])
     starts = np.flatnonzero(~cont)
     return starts, np.diff(np.append(starts, n)), flags.special[ids]
+
+
+def _boundary_flags(ids: np.ndarray, flags: TokenFlags) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Per position: starts with a word character, ends with one, shares a character with the previous.
+
+    Whole-character pieces take their token id's flags. A partial piece is decoded together with the
+    bytes of up to three tokens on each side (a UTF-8 character has at most four bytes), never across a
+    special token, so the first and last character it touches are known: "river" + b"\xe2\x80" +
+    b"\x9d" ends the word at the closing quote, "river" + b"\xc5" + b"\x9d" ("ŝ") does not. A Python loop
+    is fast enough because partial pieces are rare.
+    """
+    starts_word = flags.glues[ids]
+    ends_word = flags.ends_word_char[ids]
+    split = np.zeros(ids.size, dtype=bool)
+    raw = flags.raw
+    positions = np.flatnonzero(flags.partial[ids])
+    decided: list[tuple[bool, bool, bool]] = []  # assigned at once: numpy item writes are slow in a loop
+    for t in positions.tolist():
+        lo = max(t - 3, 0)
+        window = [raw[i] for i in ids[lo : t + 4].tolist()]
+        before = b""
+        for piece in reversed(window[: t - lo]):
+            if not piece or len(before) >= 3:  # b"" is a special token: characters never span documents
+                break
+            before = piece + before
+        after = b""
+        for piece in window[t - lo + 1 :]:
+            if not piece or len(after) >= 3:
+                break
+            after += piece
+        data = before + window[t - lo] + after
+        first, first_start = _char_at(data, len(before))
+        last, _ = _char_at(data, len(data) - len(after) - 1)
+        decided.append((first_start < len(before), _is_word_char(first), _is_word_char(last)))
+    if decided:
+        split[positions], starts_word[positions], ends_word[positions] = np.array(decided, dtype=bool).T
+    return starts_word, ends_word, split
 
 
 def _chunks(
