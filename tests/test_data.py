@@ -50,7 +50,7 @@ def take(batches, n):
 
 
 def test_wiki_rows_are_the_stream_cut_into_rows(wiki_dm):
-    for split in (wiki_dm.packed.train, wiki_dm.packed.val):
+    for split in (wiki_dm.packed.train, wiki_dm.packed.val, wiki_dm.packed.meta_test):
         rows, tokens = split.rows, split.stream.tokens
         assert rows.shape[1] == 129 and rows.dtype == np.int32
         flat = rows.reshape(-1)
@@ -63,7 +63,7 @@ def test_wiki_rows_are_the_stream_cut_into_rows(wiki_dm):
 def test_wiki_documents_end_with_eos_and_lose_no_token(wiki_dm):
     tokenizer = load_tokenizer("gpt2")
     texts = list(WikiCorpus().documents())
-    for split in (wiki_dm.packed.train, wiki_dm.packed.val):
+    for split in (wiki_dm.packed.train, wiki_dm.packed.val, wiki_dm.packed.meta_test):
         stream = split.stream
         assert stream.doc_offsets[-1] == len(stream.tokens)
         assert np.all(stream.tokens[stream.doc_offsets[1:] - 1] == EOS)
@@ -73,10 +73,13 @@ def test_wiki_documents_end_with_eos_and_lose_no_token(wiki_dm):
 
 
 def test_split_is_by_document(wiki_dm):
-    train, val = wiki_dm.packed.train.stream, wiki_dm.packed.val.stream
+    packed = wiki_dm.packed
+    train, val, meta_test = packed.train.stream, packed.val.stream, packed.meta_test.stream
     assert not set(train.doc_ids) & set(val.doc_ids)
-    assert sorted([*train.doc_ids, *val.doc_ids]) == list(range(10033))
+    assert not set(meta_test.doc_ids) & (set(train.doc_ids) | set(val.doc_ids))
+    assert sorted([*train.doc_ids, *val.doc_ids, *meta_test.doc_ids]) == list(range(10033))
     assert 0.01 < val.n_docs / 10033 < 0.03
+    assert 0.13 < meta_test.n_docs / 10033 < 0.17  # the default meta_test_fraction, 0.15
     rows = np.arange(wiki_dm.packed.val.n_rows)
     assert set(np.unique(wiki_dm.packed.val.row_doc_ids(rows))) == set(val.doc_ids)
 
@@ -130,11 +133,18 @@ def test_corrupt_cache_is_rebuilt(tmp_path, caplog, damage):
 
 def test_cache_key_separates_configurations(tmp_path):
     corpus = make_corpus("synthetic", {"n_docs": 10})
+    configurations = [
+        (32, 0.1, 0, 0.0),
+        (64, 0.1, 0, 0.0),
+        (32, 0.2, 0, 0.0),
+        (32, 0.1, 1, 0.0),
+        (32, 0.1, 0, 0.15),
+    ]
     paths = {
-        cache_path(tmp_path, cache_key(corpus, "gpt2", seq_len, val_fraction, seed))
-        for seq_len, val_fraction, seed in [(32, 0.1, 0), (64, 0.1, 0), (32, 0.2, 0), (32, 0.1, 1)]
+        cache_path(tmp_path, cache_key(corpus, "gpt2", seq_len, val_fraction, seed, meta_test_fraction))
+        for seq_len, val_fraction, seed, meta_test_fraction in configurations
     }
-    assert len(paths) == 4
+    assert len(paths) == len(configurations)
 
 
 # -- text corpus -----------------------------------------------------------------------------------
@@ -178,8 +188,8 @@ def test_text_datamodule_packs_local_files(tmp_path):
         val_batches=1,
         cache_dir=tmp_path / "cache",
     )
-    train, val = dm.packed.train.stream, dm.packed.val.stream
-    assert train.n_docs + val.n_docs == 40 and val.n_docs > 0
+    train, val, meta_test = dm.packed.train.stream, dm.packed.val.stream, dm.packed.meta_test.stream
+    assert train.n_docs + val.n_docs + meta_test.n_docs == 40 and val.n_docs > 0 and meta_test.n_docs > 0
     text = dm.tokenizer.decode(train.document(0)[:-1])
     assert text == (files / f"{train.doc_ids[0]:02d}.txt").read_text()
     before = dm.corpus.fingerprint()
@@ -198,6 +208,8 @@ def test_text_datamodule_packs_local_files(tmp_path):
         ({"batch_size": 0}, "batch_size"),
         ({"seq_len": -4}, "seq_len"),
         ({"val_fraction": 1.5}, "val_fraction"),
+        ({"meta_test_fraction": -0.1}, "meta_test_fraction"),
+        ({"val_fraction": 0.5, "meta_test_fraction": 0.5}, "meta_test_fraction"),
         ({"val_batches": -1}, "val_batches"),
         ({"corpus_options": {"n_doc": 5}}, "corpus_options"),
         ({"corpus_options": {"kinds": ["fibonacci"]}}, "kinds"),

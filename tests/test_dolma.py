@@ -1,7 +1,8 @@
-"""Dolma streaming on a local fixture with the hub layout: 3 shards x 8 rows of 9 token ids.
+"""Dolma streaming on a local fixture with the hub layout: 4 shards x 8 rows of 9 token ids.
 
 Token ``r * 100 + j`` is position j of global row r, so every check can tell exactly which row and
-which positions it got. The last shard is the validation shard.
+which positions it got. Shards 0 and 1 train, shard 2 is the meta-test shard, shard 3 the validation
+shard.
 """
 
 import numpy as np
@@ -14,7 +15,7 @@ from picomaml.data import PicoDataModule
 from picomaml.data import dolma as dolma_module
 from picomaml.data.dolma import OLMO_EOS_ID, DolmaSource
 
-N_SHARDS, ROWS, ROW_LEN = 3, 8, 9
+N_SHARDS, ROWS, ROW_LEN = 4, 8, 9
 
 
 @pytest.fixture
@@ -65,10 +66,10 @@ def row_ids(batch):
 
 def test_fast_forward_opens_only_the_needed_shards(root, opened):
     # Shard 0 is gone: reaching for it would fail, so passing proves it is never read.
-    (root / "data" / "train-00000-of-00003.parquet").unlink()
+    (root / "data" / "train-00000-of-00004.parquet").unlink()
     blocks = list(source(root).iter_rows(first_row=11, shards=range(2), width=ROW_LEN))
     rows = np.concatenate(blocks)
-    assert opened == [["train-00001-of-00003.parquet"]]
+    assert opened == [["train-00001-of-00004.parquet"]]
     assert (rows[:, 1] // 100).tolist() == [11, 12, 13, 14, 15]
     assert rows[0].tolist() == [1100 + j for j in range(ROW_LEN)]
 
@@ -84,7 +85,7 @@ def test_resume_starts_at_the_right_shard(root, opened):
     batches = dm(root).train_batches(3)
     assert row_ids(next(batches)) == [9, 10, 11]
     assert int(next(batches)["microbatch"]) == 4
-    assert opened == [["train-00001-of-00003.parquet"]]
+    assert opened == [["train-00001-of-00004.parquet"]]
 
 
 def test_rank_slices_and_truncation(root):
@@ -107,7 +108,7 @@ def test_workers_do_not_change_the_order(root):
 
 def test_validation_reads_the_held_out_shard(root):
     batches = list(dm(root, val_batches=2).val_dataloader())
-    assert [row_ids(b) for b in batches] == [[16, 17, 18], [19, 20, 21]]
+    assert [row_ids(b) for b in batches] == [[24, 25, 26], [27, 28, 29]]
     assert batches[0]["doc_ids"][0].tolist() == [0] * 5 + [1] * 4  # eos at position 4 closes doc 0
 
 
@@ -118,7 +119,52 @@ def test_train_token_stream_splits_documents_at_eos(root):
 
 
 def test_a_short_shard_fails_loudly(root):
-    path = root / "data" / "train-00000-of-00003.parquet"
+    path = root / "data" / "train-00000-of-00004.parquet"
     pq.write_table(pq.read_table(path).slice(1), path)  # 7 rows: later row indices would shift
     with pytest.raises(ValueError, match="holds 7 rows, expected 8"):
         list(source(root).iter_rows(first_row=0, shards=range(2), width=ROW_LEN))
+
+
+# -- the meta-test shards ------------------------------------------------------------------------------
+
+
+def test_meta_test_shards_sit_between_training_and_validation():
+    shards = DolmaSource(n_shards=10, val_shards=2, meta_test_shards=3)
+    assert shards.split_shards("train") == range(5)
+    assert shards.split_shards("meta_test") == range(5, 8)
+    assert shards.split_shards("val") == range(8, 10)
+    assert shards.train_rows == 5 * shards.rows_per_shard
+    with pytest.raises(ValueError, match="leave no training shards"):
+        DolmaSource(n_shards=3, val_shards=1, meta_test_shards=2)
+    with pytest.raises(ValueError, match="meta_test_shards must be >= 0"):
+        DolmaSource(meta_test_shards=-1)
+
+
+def test_training_never_reads_the_meta_test_shard(root, opened):
+    # 16 training rows: two passes over shards 0 and 1, never shard 2 (meta-test) or 3 (validation)
+    batches = dm(root, batch_size=4).train_batches(0)
+    seen = [row for _ in range(8) for row in row_ids(next(batches))]
+    assert seen == [*range(16), *range(16)]
+    assert {name for call in opened for name in call} == {
+        "train-00000-of-00004.parquet",
+        "train-00001-of-00004.parquet",
+    }
+
+
+def test_meta_test_stream_reads_only_the_meta_test_shard(root, opened):
+    stream = dm(root).meta_test_token_stream(max_tokens=3 * ROW_LEN)
+    rows = stream.tokens.reshape(-1, ROW_LEN).astype(np.int64)
+    assert (rows[:, 1] // 100).tolist() == [16, 17, 18]  # the first rows of shard 2
+    assert stream.doc_offsets.tolist() == [0, 5, 27]  # the eos at position 4 of row 16
+    assert opened == [["train-00002-of-00004.parquet"]]
+    # a budget past the shard stops at its 8 rows instead of reading validation or training rows
+    whole = dm(root).meta_test_token_stream(max_tokens=100 * ROW_LEN)
+    assert (whole.tokens.reshape(-1, ROW_LEN)[:, 1] // 100).tolist() == list(range(16, 24))
+
+
+def test_no_meta_test_shard_refuses_meta_test(root):
+    options = {"root": str(root), "n_shards": N_SHARDS, "rows_per_shard": ROWS, "row_len": ROW_LEN}
+    module = dm(root, corpus_options={**options, "meta_test_shards": 0})
+    assert row_ids(next(module.train_batches(0))) == [0, 1, 2]
+    with pytest.raises(ValueError, match="meta_test_shards=0"):
+        module.meta_test_token_stream()

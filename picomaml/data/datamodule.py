@@ -14,6 +14,16 @@ The order contract (what makes runs comparable across model sizes and resumable 
 A batch is ``{"tokens": LongTensor[B, seq_len + 1], "microbatch": LongTensor[]}``; inputs are
 ``tokens[:, :-1]`` and labels ``tokens[:, 1:]``. Validation batches add ``"doc_ids"`` (the corpus
 document of every token) for per-document perplexity.
+
+Three disjoint sets of documents (whole shards for Dolma), fixed by the data config alone, never by the
+model or the meta config:
+
+- **train**: the AR stream, and the text meta-train SMLMT episodes are cut from (meta-train words only);
+- **val**: language-model validation;
+- **meta_test** (``meta_test_fraction``; Dolma: ``corpus_options.meta_test_shards``): text AR training
+  never sees, the only text meta-test episodes are cut from, with held-out words only
+  (``meta.meta_test_fraction``, a split of word types). Meta-test accuracy thus measures unseen words
+  in unseen text: a model cannot score there by having memorised its training documents.
 """
 
 from __future__ import annotations
@@ -147,10 +157,18 @@ class PicoDataModule(L.LightningDataModule):
         tokenizer: ``gpt2`` (embedded) or ``olmo`` (required by ``dolma``).
         seq_len: tokens of model input per row; rows hold ``seq_len + 1`` tokens.
         batch_size: per-device micro-batch size B.
-        val_fraction: fraction of documents held out (packed corpora; Dolma holds out whole shards).
+        val_fraction: fraction of documents held out for validation (packed corpora; Dolma holds out
+            whole shards, ``corpus_options.val_shards``).
+        meta_test_fraction: fraction of documents held out of AR training for meta-test episodes
+            (packed corpora; Dolma: ``corpus_options.meta_test_shards``). Documents, not words: the
+            held-out word types are ``meta.meta_test_fraction``. It does not depend on whether
+            meta-learning is on, so AR-only and hybrid runs train on the same text and both can be
+            scored on meta-test episodes. 0 is allowed, but then meta-learning and meta-test
+            evaluation refuse to run. The 0.15 default holds out ~1,450 wiki articles (~150k tokens),
+            where 126-153 held-out words (data seeds 0-4, split seeds 0-1) are eligible for 5-way 4+4-shot.
         val_batches: fixed number of validation micro-batches per validation run.
         num_workers: DataLoader workers for training batches (validation is served in-process).
-        seed: seeds the document split and the per-epoch row permutations; not the model.
+        seed: seeds the document split (val, meta_test) and the per-epoch row permutations; not the model.
         cache_dir: where packed corpora are cached (``<cache_dir>/packed/*.arrow``).
     """
 
@@ -162,6 +180,7 @@ class PicoDataModule(L.LightningDataModule):
         seq_len: int = 256,
         batch_size: int = 8,
         val_fraction: float = 0.02,
+        meta_test_fraction: float = 0.15,
         val_batches: int = 4,
         num_workers: int = 0,
         seed: int = 0,
@@ -180,8 +199,9 @@ class PicoDataModule(L.LightningDataModule):
         for key, value in (("val_batches", val_batches), ("num_workers", num_workers)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"data.{key} must be a non-negative integer, got {value!r}")
-        if not 0 <= val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
+        for key, value in (("val_fraction", val_fraction), ("meta_test_fraction", meta_test_fraction)):
+            if not 0 <= value < 1:
+                raise ValueError(f"data.{key} must be in [0, 1), got {value!r}")
         options = dict(corpus_options or {})
         if corpus == "dolma":
             self.source: dolma.DolmaSource | None = self._dolma_source(options, tokenizer, seq_len)
@@ -189,6 +209,11 @@ class PicoDataModule(L.LightningDataModule):
         else:
             if val_batches > 0 and val_fraction == 0:
                 raise ValueError("data.val_fraction must be > 0 when data.val_batches > 0")
+            if val_fraction + meta_test_fraction >= 1:
+                raise ValueError(
+                    f"data.val_fraction={val_fraction} + data.meta_test_fraction={meta_test_fraction} "
+                    "must be < 1 to leave documents for training"
+                )
             self.source = None
             self.corpus = make_corpus(corpus, options)
         self.corpus_name = corpus
@@ -196,6 +221,7 @@ class PicoDataModule(L.LightningDataModule):
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.val_fraction = val_fraction
+        self.meta_test_fraction = meta_test_fraction
         self.val_batches = val_batches
         self.num_workers = num_workers
         self.seed = seed
@@ -268,11 +294,12 @@ class PicoDataModule(L.LightningDataModule):
             self.val_fraction,
             self.seed,
             self.cache_dir,
+            meta_test_fraction=self.meta_test_fraction,
         )
 
     @property
     def packed(self) -> PackedCorpus:
-        """The packed train/val splits of a packed corpus (loaded from the cache on first use)."""
+        """The packed train/val/meta_test splits of a packed corpus (loaded from the cache on first use)."""
         if self.corpus is None:
             raise RuntimeError("corpus 'dolma' is streamed, not packed")
         self.setup()
@@ -311,22 +338,33 @@ class PicoDataModule(L.LightningDataModule):
     def setup_meta(self, meta: MetaConfig) -> None:
         """Serve SMLMT meta-batches beside the AR batches (see :mod:`picomaml.data.episodes`).
 
-        Builds the word index over the first ``meta.buffer_tokens`` training tokens now, so a corpus
-        that cannot supply ``k_shot + q_query`` windows for ``n_way`` words fails before training.
+        Builds both word indexes now, so a corpus that cannot supply ``k_shot + q_query`` windows for
+        ``n_way`` words fails before training: meta-train over the first ``meta.buffer_tokens`` tokens
+        of the AR training stream (meta-train words), meta-test over as many tokens of the held-out
+        meta-test documents (held-out words; see :meth:`meta_test_dataset`).
         """
-        index = self._word_index(meta)
+        # read first: a data config that holds out no text fails on that, not on a count of words
+        test_stream = self.meta_test_token_stream(max_tokens=meta.buffer_tokens)
+        train_index = self._word_index(meta, self.train_token_stream(max_tokens=meta.buffer_tokens))
+        meta_train = MetaBatchDataset(train_index, meta, seed=self.seed)
+        test_index = self._word_index(meta, test_stream)
+        meta_test = MetaBatchDataset(test_index, meta, seed=self.seed, meta_test=True)
         self.meta = meta
-        self._meta_train = MetaBatchDataset(index, meta, seed=self.seed)
-        self._meta_test = MetaBatchDataset(index, meta, seed=self.seed, meta_test=True)
+        self._meta_train, self._meta_test = meta_train, meta_test
 
     def meta_test_dataset(self, meta: MetaConfig, seed: int) -> MetaBatchDataset:
-        """Meta-test episodes of ``meta`` (held-out words as classes), seeded by ``seed``: what
-        validation, ``evaluate`` and the periodic evaluation score. Raises ValueError when the corpus has
-        too few held-out words for ``n_way`` classes."""
-        return MetaBatchDataset(self._word_index(meta), meta, seed=seed, meta_test=True)
+        """Meta-test episodes of ``meta``, seeded by ``seed``: what validation, ``evaluate`` and the
+        periodic evaluation score.
 
-    def _word_index(self, meta: MetaConfig) -> WordIndex:
-        stream = self.train_token_stream(max_tokens=meta.buffer_tokens)
+        Classes are held-out words (``meta.meta_test_fraction``) and windows are cut from the held-out
+        meta-test documents (the first ``meta.buffer_tokens`` of :meth:`meta_test_token_stream`), which
+        AR training never sees. Raises ValueError when no documents are held out for meta-test
+        (``meta_test_fraction=0``) or they hold too few held-out words for ``n_way`` classes.
+        """
+        stream = self.meta_test_token_stream(max_tokens=meta.buffer_tokens)
+        return MetaBatchDataset(self._word_index(meta, stream), meta, seed=seed, meta_test=True)
+
+    def _word_index(self, meta: MetaConfig, stream: TokenStream) -> WordIndex:
         return WordIndex.build(
             np.asarray(stream.tokens),
             self.tokenizer,
@@ -336,8 +374,15 @@ class PicoDataModule(L.LightningDataModule):
         )
 
     @property
+    def meta_train_episodes(self) -> MetaBatchDataset | None:
+        """Meta-train meta-batches (meta-train words in AR training text); None unless :meth:`setup_meta`
+        ran."""
+        return self._meta_train
+
+    @property
     def meta_test_episodes(self) -> MetaBatchDataset | None:
-        """Meta-test meta-batches (held-out words), for evaluation; None unless :meth:`setup_meta` ran."""
+        """Meta-test meta-batches (held-out words in held-out documents), for evaluation; None unless
+        :meth:`setup_meta` ran."""
         return self._meta_test
 
     def train_dataloader(self) -> DataLoader:
@@ -419,16 +464,33 @@ class PicoDataModule(L.LightningDataModule):
         """
         if self.source is not None:
             return dolma.read_token_stream(self.source, max_tokens or _DOLMA_STREAM_TOKENS)
-        stream = self.packed.train.stream
-        if max_tokens is None or max_tokens >= len(stream.tokens):
-            return stream
-        n_docs = max(1, int(np.searchsorted(stream.doc_offsets, max_tokens, side="right")) - 1)
-        end = stream.doc_offsets[n_docs]
-        return TokenStream(stream.tokens[:end], stream.doc_offsets[: n_docs + 1], stream.doc_ids[:n_docs])
+        return self.packed.train.stream.head(max_tokens)
 
     def val_token_stream(self) -> TokenStream:
         """The validation documents of a packed corpus, for per-document perplexity."""
         return self.packed.val.stream
+
+    def meta_test_token_stream(self, max_tokens: int | None = None) -> TokenStream:
+        """The held-out meta-test documents, the only text meta-test episodes are cut from.
+
+        Packed corpora: the ``meta_test`` split (or its first documents up to ``max_tokens``). Dolma:
+        whole rows of the ``meta_test_shards`` from their start, up to ``max_tokens`` (default 2**20).
+        Raises ValueError when no documents are held out for meta-test.
+        """
+        if self.source is not None:
+            if self.source.meta_test_shards == 0:
+                raise ValueError(
+                    "corpus_options.meta_test_shards=0 holds out no Dolma shards for meta-test episodes; "
+                    "set it >= 1 (meta-test text must be text AR training never sees)"
+                )
+            return dolma.read_token_stream(self.source, max_tokens or _DOLMA_STREAM_TOKENS, "meta_test")
+        if self.meta_test_fraction == 0:
+            raise ValueError(
+                f"data.meta_test_fraction=0 holds out no {self.corpus_name!r} documents for meta-test "
+                "episodes; set it > 0 (e.g. 0.15) to use meta-learning or meta-test evaluation "
+                "(meta-test text must be text AR training never sees)"
+            )
+        return self.packed.meta_test.stream.head(max_tokens)
 
     # -- resume --------------------------------------------------------------------------------------
 

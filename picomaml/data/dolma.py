@@ -6,8 +6,19 @@ the dataset is row ``g % 20480`` of shard ``g // 20480``, so resuming at row ``g
 from ``g // 20480`` on and drops ``g % 20480`` rows of the first: a restart at step 100k costs seconds,
 not a pass over 200M rows.
 
-The last ``val_shards`` shards are held out for validation; training cycles over the others in the
-dataset's own order (pico trains one pass).
+Whole shards are held out, since a stream has no document list to split (pico's shards are already a
+random split of the shuffled documents), from the end of the dataset:
+
+- the last ``val_shards`` shards: language-model validation;
+- the ``meta_test_shards`` shards before them: text AR training never sees, from which meta-test SMLMT
+  episodes are cut (the Dolma counterpart of the packed corpora's ``meta_test`` document split);
+- every shard before those: training, which cycles over them in the dataset's own order (pico trains
+  one pass).
+
+Holding out shards at the end keeps row ``g`` of the training stream where it was for every ``g`` below
+the (smaller) number of training rows; only the point where a second pass would start moves. The split
+is only as clean as the shard boundaries: a document that pico's packing cut across two shards would
+have its halves on both sides (at most one document per boundary).
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ class DolmaSource:
     rows_per_shard: int = 20480
     row_len: int = 2049
     val_shards: int = 1
+    meta_test_shards: int = 1
     column: str = "input_ids"
     eos_token_id: int = OLMO_EOS_ID
 
@@ -51,14 +63,28 @@ class DolmaSource:
         for key in ("n_shards", "rows_per_shard", "row_len", "val_shards"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"corpus_options.{key} must be positive, got {getattr(self, key)}")
-        if self.val_shards >= self.n_shards:
+        if self.meta_test_shards < 0:
+            raise ValueError(f"corpus_options.meta_test_shards must be >= 0, got {self.meta_test_shards}")
+        if self.val_shards + self.meta_test_shards >= self.n_shards:
             raise ValueError(
-                f"corpus_options.val_shards={self.val_shards} leaves no training shards of {self.n_shards}"
+                f"corpus_options.val_shards={self.val_shards} and meta_test_shards={self.meta_test_shards} "
+                f"leave no training shards of {self.n_shards}"
             )
 
     @property
     def train_shards(self) -> int:
-        return self.n_shards - self.val_shards
+        return self.n_shards - self.val_shards - self.meta_test_shards
+
+    def split_shards(self, split: str) -> range:
+        """Indices of the shards of ``split``: ``train``, ``meta_test`` or ``val`` (in that order)."""
+        bounds = {
+            "train": (0, self.train_shards),
+            "meta_test": (self.train_shards, self.n_shards - self.val_shards),
+            "val": (self.n_shards - self.val_shards, self.n_shards),
+        }
+        if split not in bounds:
+            raise ValueError(f"unknown Dolma split {split!r}; splits are {', '.join(bounds)}")
+        return range(*bounds[split])
 
     @property
     def train_rows(self) -> int:
@@ -159,28 +185,40 @@ class RowReader:
             self.take(n)
 
 
-def read_val_rows(source: DolmaSource, n_rows: int, width: int) -> np.ndarray:
-    """The first ``n_rows`` rows of the held-out shards (cycled if they hold fewer)."""
-    shards = range(source.train_shards, source.n_shards)
-    n_available = min(n_rows, source.val_shards * source.rows_per_shard)
+def _first_rows(source: DolmaSource, shards: range, n_rows: int, width: int) -> np.ndarray:
+    """The first ``min(n_rows, rows in shards)`` rows of ``shards``; opens no shard beyond them."""
+    n_available = min(n_rows, len(shards) * source.rows_per_shard)
     blocks, total = [], 0
     for block in source.iter_rows(0, shards, width):
         blocks.append(block[: n_available - total])
         total += len(blocks[-1])
         if total >= n_available:
             break
-    rows = np.concatenate(blocks)
+    return np.concatenate(blocks)
+
+
+def read_val_rows(source: DolmaSource, n_rows: int, width: int) -> np.ndarray:
+    """The first ``n_rows`` rows of the validation shards (cycled if they hold fewer)."""
+    rows = _first_rows(source, source.split_shards("val"), n_rows, width)
     return rows[np.arange(n_rows) % len(rows)]
 
 
-def read_token_stream(source: DolmaSource, max_tokens: int) -> TokenStream:
-    """Whole training rows from row 0 (at least one, up to ``max_tokens`` tokens) as a token stream.
+def read_token_stream(source: DolmaSource, max_tokens: int, split: str = "train") -> TokenStream:
+    """Whole rows of ``split`` from its first row (at least one, up to ``max_tokens`` tokens) as a stream.
 
-    Document boundaries are recovered from the eos tokens; the text before the first eos of the
-    buffer counts as a document too.
+    ``train``: the training rows, in training order; ``meta_test``: the held-out meta-test shards,
+    never more rows than they hold. Document boundaries are recovered from the eos tokens; the text
+    before the first eos of the buffer counts as a document too.
     """
-    reader = RowReader(source, 0, source.row_len)
-    tokens = reader.take(max(1, max_tokens // source.row_len)).reshape(-1).astype(np.int32)
+    n_rows = max(1, max_tokens // source.row_len)
+    if split == "train":
+        rows = RowReader(source, 0, source.row_len).take(n_rows)
+    else:
+        shards = source.split_shards(split)
+        if not shards:
+            raise ValueError(f"Dolma holds out no {split} shards (corpus_options.{split}_shards=0)")
+        rows = _first_rows(source, shards, n_rows, source.row_len)
+    tokens = rows.reshape(-1).astype(np.int32)
     ends = np.flatnonzero(tokens == source.eos_token_id) + 1
     offsets = np.unique(np.concatenate([[0], ends, [len(tokens)]])).astype(np.int64)
     return TokenStream(tokens=tokens, doc_offsets=offsets, doc_ids=np.arange(len(offsets) - 1))

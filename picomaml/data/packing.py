@@ -1,6 +1,6 @@
 """Tokenize a corpus, split it by document, pack it into rows, and cache the result as Arrow.
 
-Layout of one split (train or val):
+Layout of one split (train, val or meta_test):
 
 - the **token stream**: every document's tokens followed by one eos, documents concatenated;
 - **rows** of ``seq_len + 1`` tokens cut from that stream back to back (input = ``row[:-1]``,
@@ -10,8 +10,19 @@ Layout of one split (train or val):
 Rows are a reshape of the stream, so the cache stores each split once, already padded to whole rows:
 ``rows`` and ``stream`` are two zero-copy views of the same memory-mapped Arrow buffer.
 
-The train/val split is by document: document ``i`` is held out when ``hash(i, seed) < val_fraction``,
-a rule that needs no shuffle and gives the same answer for the same document on every machine.
+**Splits are by document.** Document ``i`` gets a uniform number ``u_i = hash(i, seed)`` in [0, 1)
+(:func:`document_uniforms`) and goes to
+
+- ``val`` when ``u_i < val_fraction`` (language-model validation);
+- ``meta_test`` when ``val_fraction <= u_i < val_fraction + meta_test_fraction``: text that AR
+  training never sees, from which meta-test SMLMT episodes are cut, so that held-out words are also
+  scored in held-out text (a model that memorised its training text gains nothing there);
+- ``train`` otherwise (the AR stream, and the text meta-train episodes are cut from).
+
+The rule needs no shuffle and gives the same answer for the same document on every machine, for every
+model, and whether or not meta-learning is on (so AR-only and hybrid runs train on the same text). The
+val documents do not depend on ``meta_test_fraction``, and raising ``meta_test_fraction`` only moves
+documents from train to meta_test: the meta-test documents of a smaller fraction stay meta-test.
 """
 
 from __future__ import annotations
@@ -35,10 +46,11 @@ from picomaml.data.corpora import Corpus
 
 log = logging.getLogger(__name__)
 
-# Bumped whenever the cache layout or the packing rule changes.
-CACHE_FORMAT_VERSION = 1
+# Bumped whenever the cache layout or the packing rule changes (2: the meta_test split).
+CACHE_FORMAT_VERSION = 2
 _ENCODE_BATCH = 1024
-_SPLITS = ("train", "val")
+SPLITS = ("train", "val", "meta_test")
+"""Split names; a document's split code (see :func:`assign_splits`) is its position here."""
 _ARRAYS = ("tokens", "doc_offsets", "doc_ids")
 _ARRAY_TYPES = {"tokens": pa.int32(), "doc_offsets": pa.int64(), "doc_ids": pa.int64()}
 
@@ -62,6 +74,18 @@ class TokenStream:
     def document(self, k: int) -> np.ndarray:
         """Tokens of the split's ``k``-th document, ending with eos."""
         return self.tokens[self.doc_offsets[k] : self.doc_offsets[k + 1]]
+
+    def head(self, max_tokens: int | None) -> TokenStream:
+        """The stream's first whole documents up to ``max_tokens`` tokens (at least one document).
+
+        Whole documents, so a prefix never ends inside a word; ``None`` (or a budget past the end)
+        returns the stream itself, without a copy.
+        """
+        if max_tokens is None or max_tokens >= len(self.tokens):
+            return self
+        n_docs = max(1, int(np.searchsorted(self.doc_offsets, max_tokens, side="right")) - 1)
+        end = self.doc_offsets[n_docs]
+        return TokenStream(self.tokens[:end], self.doc_offsets[: n_docs + 1], self.doc_ids[:n_docs])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,18 +113,22 @@ class PackedSplit:
 
 @dataclasses.dataclass(frozen=True)
 class PackedCorpus:
-    """Train and val splits of a packed corpus, plus the cache file they were read from."""
+    """The train, val and meta_test splits of a packed corpus, plus the cache file they were read from.
+
+    A split whose fraction is 0 is empty (no documents, no rows).
+    """
 
     train: PackedSplit
     val: PackedSplit
+    meta_test: PackedSplit
     path: Path
 
 
-def validation_mask(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of the documents held out for validation.
+def document_uniforms(n_docs: int, seed: int) -> np.ndarray:
+    """Per document, a uniform number in [0, 1) that decides its split (see the module docstring).
 
-    SplitMix64 of ``(doc index, seed)`` mapped to [0, 1): independent per document, so adding
-    documents at the end of a corpus never moves existing ones between splits.
+    SplitMix64 of ``(doc index, seed)``: independent per document, so adding documents at the end of
+    a corpus never moves existing ones between splits.
     """
     with np.errstate(over="ignore"):
         z = np.arange(n_docs, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
@@ -108,7 +136,30 @@ def validation_mask(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < val_fraction
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def validation_mask(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the documents held out for validation."""
+    return document_uniforms(n_docs, seed) < val_fraction
+
+
+def assign_splits(n_docs: int, val_fraction: float, meta_test_fraction: float, seed: int) -> np.ndarray:
+    """Split code of every document: an int8 index into :data:`SPLITS` (0 train, 1 val, 2 meta_test).
+
+    The meta_test interval starts where the val interval ends, so the val documents are those of
+    :func:`validation_mask` whatever ``meta_test_fraction`` is.
+    """
+    if val_fraction < 0 or meta_test_fraction < 0 or val_fraction + meta_test_fraction >= 1:
+        raise ValueError(
+            f"val_fraction={val_fraction} and meta_test_fraction={meta_test_fraction} must be >= 0 and "
+            "leave documents for training (their sum < 1)"
+        )
+    u = document_uniforms(n_docs, seed)
+    codes = np.zeros(n_docs, dtype=np.int8)
+    codes[u < val_fraction + meta_test_fraction] = SPLITS.index("meta_test")
+    codes[u < val_fraction] = SPLITS.index("val")
+    return codes
 
 
 def tokenize_documents(
@@ -137,14 +188,20 @@ def tokenize_documents(
     return tokens, doc_offsets
 
 
-def split_stream(tokens: np.ndarray, doc_offsets: np.ndarray, is_val: np.ndarray) -> dict[str, TokenStream]:
-    """Separate a tokenized corpus into train and val token streams by the per-document mask."""
+def split_stream(tokens: np.ndarray, doc_offsets: np.ndarray, codes: np.ndarray) -> dict[str, TokenStream]:
+    """Separate a tokenized corpus into one token stream per split of :data:`SPLITS`.
+
+    ``codes`` holds each document's split code (:func:`assign_splits`); a boolean "is val" mask works
+    too (False = train, True = val). Documents keep their corpus order within a split.
+    """
+    codes = np.asarray(codes).astype(np.int8)
     lengths = np.diff(doc_offsets)
-    token_is_val = np.repeat(is_val, lengths)
+    token_codes = np.repeat(codes, lengths)
     streams = {}
-    for name, doc_mask, token_mask in (("train", ~is_val, ~token_is_val), ("val", is_val, token_is_val)):
+    for code, name in enumerate(SPLITS):
+        doc_mask = codes == code
         streams[name] = TokenStream(
-            tokens=tokens[token_mask],
+            tokens=tokens[token_codes == code],
             doc_offsets=np.concatenate([[0], np.cumsum(lengths[doc_mask])]).astype(np.int64),
             doc_ids=np.flatnonzero(doc_mask).astype(np.int64),
         )
@@ -157,8 +214,19 @@ def pad_to_rows(tokens: np.ndarray, width: int) -> np.ndarray:
     return np.resize(tokens, n_rows * width)
 
 
-def cache_key(corpus: Corpus, tokenizer_name: str, seq_len: int, val_fraction: float, seed: int) -> dict:
-    """Everything that determines the cached bytes; its hash names the cache file."""
+def cache_key(
+    corpus: Corpus,
+    tokenizer_name: str,
+    seq_len: int,
+    val_fraction: float,
+    seed: int,
+    meta_test_fraction: float = 0.0,
+) -> dict:
+    """Everything that determines the cached bytes; its hash names the cache file.
+
+    ``meta_test_fraction`` moves documents out of the train split, so a cache built with another value
+    holds another training stream and must never be reused.
+    """
     return {
         "format": CACHE_FORMAT_VERSION,
         "corpus": corpus.name,
@@ -166,6 +234,7 @@ def cache_key(corpus: Corpus, tokenizer_name: str, seq_len: int, val_fraction: f
         "tokenizer": tokenizer_name,
         "seq_len": seq_len,
         "val_fraction": val_fraction,
+        "meta_test_fraction": meta_test_fraction,
         "seed": seed,
     }
 
@@ -191,10 +260,10 @@ def _write_atomic(path: Path, key: dict, padded: dict[str, dict[str, np.ndarray]
     """
     columns = {
         f"{split}_{name}": pa.array([padded[split][name]], type=pa.large_list(_ARRAY_TYPES[name]))
-        for split in _SPLITS
+        for split in SPLITS
         for name in _ARRAYS
     }
-    ordered = [padded[split][name] for split in _SPLITS for name in _ARRAYS]
+    ordered = [padded[split][name] for split in SPLITS for name in _ARRAYS]
     metadata = {
         "key": json.dumps(key, sort_keys=True),
         "n_tokens": json.dumps(n_tokens),
@@ -228,22 +297,22 @@ def _read(path: Path, key: dict, seq_len: int) -> PackedCorpus:
                 name: table.column(f"{split}_{name}").chunk(0).values.to_numpy(zero_copy_only=True)
                 for name in _ARRAYS
             }
-            for split in _SPLITS
+            for split in SPLITS
         }
     except (pa.ArrowException, KeyError, ValueError, OSError) as err:
         raise CorruptCacheError(f"{type(err).__name__}: {err}") from err
-    if _checksum(arrays[split][name] for split in _SPLITS for name in _ARRAYS) != metadata["checksum"]:
+    if _checksum(arrays[split][name] for split in SPLITS for name in _ARRAYS) != metadata["checksum"]:
         raise CorruptCacheError("checksum mismatch")
     width = seq_len + 1
     splits = {}
-    for split in _SPLITS:
+    for split in SPLITS:
         padded, offsets, doc_ids = (arrays[split][name] for name in _ARRAYS)
         n = n_tokens[split]
         if len(padded) % width or len(padded) < n or offsets[-1] != n or len(offsets) != len(doc_ids) + 1:
             raise CorruptCacheError(f"inconsistent {split} lengths")
         stream = TokenStream(tokens=padded[:n], doc_offsets=offsets, doc_ids=doc_ids)
         splits[split] = PackedSplit(stream=stream, rows=padded.reshape(-1, width))
-    return PackedCorpus(train=splits["train"], val=splits["val"], path=path)
+    return PackedCorpus(train=splits["train"], val=splits["val"], meta_test=splits["meta_test"], path=path)
 
 
 def build_packed(
@@ -254,19 +323,25 @@ def build_packed(
     val_fraction: float,
     seed: int,
     cache_dir: str | os.PathLike,
+    meta_test_fraction: float = 0.0,
 ) -> Path:
-    """Tokenize, split and pack ``corpus``, write the cache file, and return its path."""
-    key = cache_key(corpus, tokenizer_name, seq_len, val_fraction, seed)
+    """Tokenize, split and pack ``corpus``, write the cache file, and return its path.
+
+    Raises ValueError when a split asked for (train always; val and meta_test when their fraction is
+    positive) would get no document: a tiny corpus is refused here rather than training on nothing.
+    """
+    key = cache_key(corpus, tokenizer_name, seq_len, val_fraction, seed, meta_test_fraction)
     path = cache_path(cache_dir, key)
     started = time.perf_counter()
     tokens, doc_offsets = tokenize_documents(corpus.documents(), tokenizer)
-    is_val = validation_mask(len(doc_offsets) - 1, val_fraction, seed)
-    streams = split_stream(tokens, doc_offsets, is_val)
-    for split in ("train", "val") if val_fraction > 0 else ("train",):
-        if streams[split].n_docs == 0:
+    codes = assign_splits(len(doc_offsets) - 1, val_fraction, meta_test_fraction, seed)
+    streams = split_stream(tokens, doc_offsets, codes)
+    fractions = {"train": 1.0, "val": val_fraction, "meta_test": meta_test_fraction}
+    for split in SPLITS:
+        if fractions[split] > 0 and streams[split].n_docs == 0:
             raise ValueError(
-                f"val_fraction={val_fraction} leaves no {split} documents in corpus {corpus.name!r} "
-                f"({len(is_val)} documents)"
+                f"val_fraction={val_fraction}, meta_test_fraction={meta_test_fraction} leave no {split} "
+                f"documents in corpus {corpus.name!r} ({len(codes)} documents)"
             )
     width = seq_len + 1
     padded = {
@@ -279,11 +354,12 @@ def build_packed(
     }
     _write_atomic(path, key, padded, {split: len(s.tokens) for split, s in streams.items()})
     log.info(
-        "packed corpus %s: %d documents, %d train / %d val tokens in %.1f s -> %s",
+        "packed corpus %s: %d documents, %d train / %d val / %d meta_test tokens in %.1f s -> %s",
         corpus.name,
-        len(is_val),
+        len(codes),
         len(streams["train"].tokens),
         len(streams["val"].tokens),
+        len(streams["meta_test"].tokens),
         time.perf_counter() - started,
         path,
     )
@@ -298,12 +374,13 @@ def load_packed(
     val_fraction: float,
     seed: int,
     cache_dir: str | os.PathLike,
+    meta_test_fraction: float = 0.0,
 ) -> PackedCorpus:
     """Return the packed corpus from the cache, building (or rebuilding a corrupt) cache first.
 
     A cache file that fails any check is reported with one warning, deleted and rebuilt.
     """
-    key = cache_key(corpus, tokenizer_name, seq_len, val_fraction, seed)
+    key = cache_key(corpus, tokenizer_name, seq_len, val_fraction, seed, meta_test_fraction)
     path = cache_path(cache_dir, key)
     if path.exists():
         try:
@@ -311,5 +388,7 @@ def load_packed(
         except CorruptCacheError as err:
             log.warning("data cache %s is corrupt (%s); deleting and rebuilding it", path, err)
             path.unlink(missing_ok=True)
-    build_packed(corpus, tokenizer, tokenizer_name, seq_len, val_fraction, seed, cache_dir)
+    build_packed(
+        corpus, tokenizer, tokenizer_name, seq_len, val_fraction, seed, cache_dir, meta_test_fraction
+    )
     return _read(path, key, seq_len)
