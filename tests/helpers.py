@@ -94,6 +94,7 @@ def tiny_overrides(corpus: Path) -> list[str]:
         "data.seq_len=32",
         "data.batch_size=4",
         "data.val_fraction=0.1",
+        "data.meta_test_fraction=0.3",  # held-out documents enough for meta-test tasks of 144 word types
         "data.val_batches=2",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
@@ -126,7 +125,7 @@ def test_used_output_dir_without_checkpoint_is_refused(tmp_path: Path, cache_dir
 def test_a_rerun_after_a_config_error_is_not_refused(tmp_path: Path, cache_dir: Path) -> None:
     with pytest.raises(ConfigError, match="optim.lr must be > 0"):
         train(compose_train([*FAST, "optim.lr=0"], tmp_path, cache_dir))
-    assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "result.json").exists()  # a single run records nothing before its check
     # nothing was trained, so the corrected command may use the same dir
     assert prepare_run(compose_train(FAST, tmp_path, cache_dir)).resume_from is None
 

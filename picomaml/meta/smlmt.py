@@ -139,7 +139,13 @@ class EpisodeSampler:
         seen: set[int] = set()
         while len(classes) < n_way:
             if len(seen) == self.pool.size:
-                raise RuntimeError("SMLMT: the eligible words share too many windows to fill one task")
+                # a corpus problem, not a bug: callers report it like the too-few-words error above
+                split = "meta-test" if self.meta_test else "meta-train"
+                raise ValueError(
+                    f"SMLMT: the {self.pool.size} eligible {split} words share too many windows to fill one "
+                    f"meta.n_way={n_way} task ({self.cfg.shots} windows of its own per class); index more "
+                    "text (meta.buffer_tokens, or data.meta_test_fraction for meta-test) or lower meta.n_way"
+                )
             for j in self._draw(rng, 2 * n_way).tolist():
                 if j in seen:
                     continue
