@@ -97,7 +97,9 @@ def test_ar_steps_leave_the_meta_head_untouched(tmp_path: Path, cache_dir: Path)
 
 @pytest.mark.slow
 def test_short_hybrid_run_on_the_embedded_corpus_learns(tmp_path: Path, cache_dir: Path) -> None:
-    """Post-adaptation query accuracy on held-out (meta-test) words ends well above chance (1/5)."""
+    """Post-adaptation query accuracy on held-out (meta-test) words in held-out documents ends above
+    chance (1/5) with its whole 95% interval. (Unseen words in unseen text: 120 steps of a 2-layer model
+    reach about 0.25 there, where the same run scored about 0.30 on windows of its own training text.)"""
     result = train(
         compose_train(
             [
@@ -124,7 +126,7 @@ def test_short_hybrid_run_on_the_embedded_corpus_learns(tmp_path: Path, cache_di
     final = float(rows[-1]["meta_test/query_acc"])
     ci = float(rows[-1]["meta_test/query_acc_ci95"])
     assert result["status"] == "completed"
-    assert final - ci > 0.2 + 0.05, (final, ci)
+    assert final - ci > 0.2, (final, ci)
 
 
 @pytest.mark.slow
