@@ -1,30 +1,34 @@
-"""``python -m picomaml.evaluate``: score a checkpoint, as language model and as meta-learner.
+"""``python -m picomaml.evaluate``: score a checkpoint, as language model, meta-learner and few-shot
+classifier.
 
     python -m picomaml.evaluate ckpt_path=outputs/train/runs/demo
     python -m picomaml.evaluate ckpt_path=outputs/.../run meta=10way4shot episodes=400 step=2048
+    python -m picomaml.evaluate ckpt_path=outputs/.../run suite=lm,meta,downstream control=step0
 
-writes ``<run>/eval_results/step_<N>.json`` and prints a table: perplexities and next-token accuracy on
-the run's validation documents (:mod:`picomaml.eval.lm`) and meta-test N-way K-shot accuracy on held-out
-words (:mod:`picomaml.eval.meta`).
+writes ``<run>/eval_results/step_<N>.json`` and prints a table. The suite (:mod:`picomaml.eval.suite`,
+the same code the end-of-fit :class:`~picomaml.lit.final_eval.FinalEvaluation` runs) is any of ``lm``
+(perplexities and next-token accuracy on the run's validation documents), ``meta`` (meta-test N-way
+K-shot accuracy on held-out words) and ``downstream`` (few-shot classification of real labelled data,
+head-only and fully fine-tuned, with the TF-IDF floor). ``control=step0`` also scores the run's step-0
+checkpoint (its random init) with the same data and stores it under ``"step0"``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from picomaml.cli import main_guard, parse_cli_args
-from picomaml.eval.lm import document_batches, evaluate_lm
-from picomaml.eval.meta import eval_meta_config, evaluate_meta, load_meta_config
-from picomaml.model import PicoDecoder
-from picomaml.runs import LoadedRun, load_run
+from picomaml.cli import main_guard, parse_cli_args, usage_error
+from picomaml.eval.downstream import DownstreamConfig
+from picomaml.eval.suite import SuiteOptions, SuiteRunner
+from picomaml.runs import load_run
+
+CONTROLS = ("step0",)
+LM_KEYS = ("ppl_token_weighted", "ppl_doc_mean", "loss", "top1_acc", "top5_acc", "n_docs", "n_tokens")
 
 
 @dataclass
@@ -38,6 +42,10 @@ class EvalArgs:
     (default the run's data.seq_len). batch_size: windows per forward. buffer_tokens: tokens indexed for
     meta-test words (default the meta config's). cache_dir: the data cache (default the run's).
     device: cpu, cuda or auto. out: JSON path (default <run>/eval_results/step_<N>.json).
+    suite: comma-separated parts, of lm, meta, downstream (default lm,meta). control: ``step0`` also
+    scores the run's step-0 checkpoint (the random init), stored under "step0". downstream_ks,
+    downstream_episodes, downstream_finetune_episodes, downstream_test_per_class: the downstream
+    budget (default picomaml.eval.downstream.DownstreamConfig's; ks as a list, e.g. 4,8).
     """
 
     ckpt_path: str
@@ -52,27 +60,54 @@ class EvalArgs:
     cache_dir: str | None = None
     device: str = "auto"
     out: str | None = None
+    suite: str = "lm,meta"
+    control: str | None = None
+    downstream_ks: str | None = None
+    downstream_episodes: int | None = None
+    downstream_finetune_episodes: int | None = None
+    downstream_test_per_class: int | None = None
+
+
+def suite_options(args: EvalArgs) -> SuiteOptions:
+    """The :class:`SuiteOptions` the arguments ask for (ValueError naming a bad one)."""
+    downstream: dict[str, Any] = {}
+    if args.downstream_ks is not None:
+        downstream["ks"] = [int(k) for k in args.downstream_ks.split(",") if k.strip()]
+    if args.downstream_episodes is not None:
+        downstream["episodes"] = args.downstream_episodes
+        # fine-tuning runs on a prefix of the episodes; keep the default prefix valid for few episodes
+        downstream["finetune_episodes"] = min(args.downstream_episodes, DownstreamConfig.finetune_episodes)
+    if args.downstream_finetune_episodes is not None:
+        downstream["finetune_episodes"] = args.downstream_finetune_episodes
+    if args.downstream_test_per_class is not None:
+        downstream["test_per_class"] = args.downstream_test_per_class
+    return SuiteOptions(
+        suite=args.suite,
+        meta=args.meta,
+        episodes=args.episodes,
+        seed=args.seed,
+        max_docs=args.max_docs,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        buffer_tokens=args.buffer_tokens,
+        downstream=DownstreamConfig(**downstream),
+    )
 
 
 def evaluate_run(args: EvalArgs) -> dict[str, Any]:
     """Evaluate one checkpoint as described in the module docstring; returns what is written to JSON."""
+    if args.control is not None and args.control not in CONTROLS:
+        raise ValueError(f"control={args.control!r}: choose from {', '.join(CONTROLS)}")
+    options = suite_options(args)
     run = load_run(args.ckpt_path, args.step)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
-    model = run.model.to(device)
     datamodule = run.datamodule(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
-    seq_len = args.seq_len or int(run.train_config.data.seq_len)
-    if seq_len > run.model_config.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={run.model_config.max_seq_len}")
-
-    results: dict[str, Any] = {
-        "run_dir": str(run.run_dir),
-        "checkpoint": str(run.checkpoint_path),
-        "step": run.step,
-    }
-    results.update(evaluate_lm(model, _validation_batches(datamodule, seq_len, args)))
-    results.update(_evaluate_run_meta(run, model, datamodule, args))
+    runner = SuiteRunner(datamodule, options, device)
+    results = runner.score(run)
+    if args.control == "step0":
+        results["step0"] = runner.score(load_run(run.run_dir, step=0))
     out = Path(args.out) if args.out else run.run_dir / "eval_results" / f"step_{run.step}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -80,58 +115,50 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
     return results
 
 
-def _validation_batches(datamodule: Any, seq_len: int, args: EvalArgs) -> Iterable[dict[str, torch.Tensor]]:
-    """Each validation document on its own; Dolma (streamed, no document list) uses the packed rows."""
-    if datamodule.corpus_name == "dolma":
-        return datamodule.val_batches_list()
-    stream = datamodule.val_token_stream()
-    n_docs = stream.n_docs if args.max_docs is None else min(args.max_docs, stream.n_docs)
-    docs = ((int(stream.doc_ids[k]), stream.document(k)) for k in range(n_docs))
-    tokenizer = datamodule.tokenizer
-    return document_batches(docs, seq_len, args.batch_size, tokenizer.eos_token_id, tokenizer.pad_token_id)
-
-
-def _evaluate_run_meta(run: LoadedRun, model: PicoDecoder, datamodule: Any, args: EvalArgs) -> dict[str, Any]:
-    if args.meta == "off" or args.episodes <= 0:
-        return {}
-    if args.meta == "auto":
-        requested = run.meta_config or load_meta_config("5way4shot")
-    else:
-        requested = load_meta_config(args.meta)
-    if args.buffer_tokens is not None:
-        requested = dataclasses.replace(requested, buffer_tokens=args.buffer_tokens)
-    cfg = eval_meta_config(requested, run.meta_config if run.meta_head is not None else None)
-    info: dict[str, Any] = {
-        "meta_config": dataclasses.asdict(cfg),
-        "meta_head": "trained" if run.meta_head is not None else "fresh init (AR-only checkpoint)",
-    }
-    try:
-        dataset = datamodule.meta_test_dataset(cfg, args.seed)
-    except ValueError as err:  # e.g. a synthetic corpus of number words: too few held-out words
-        print(f"warning: meta-test skipped: {err}", file=sys.stderr)
-        return {**info, "meta_skipped": str(err)}
-    return {**info, **evaluate_meta(model, run.meta_head, dataset, cfg, args.episodes, args.seed)}
+def _rows(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """(metric, formatted value) rows of the headline numbers of one scored checkpoint."""
+    rows = [(key, f"{results[key]:.4g}") for key in LM_KEYS if key in results]
+    if "meta_query_acc" in results:
+        for name in ("query_acc", "no_adapt_acc"):
+            value, ci = results[f"meta_{name}"], results[f"meta_{name}_ci95"]
+            rows.append((f"meta_{name}", f"{value:.3f} ± {ci:.3f}"))
+        rows.append(("meta_chance", f"{results['meta_chance']:.3f}"))
+        rows.append(("meta_tasks", f"{results['meta_tasks']:.0f}"))
+        rows.append(("meta_head", results["meta_head"]))
+    elif "meta_skipped" in results:
+        rows.append(("meta-test", "skipped"))
+    # downstream: head-only, the fine-tuning budget's last point and the floor; the rest is in the JSON
+    last_finetune = {}
+    for key in results:
+        if key.startswith("downstream/") and "/finetune/step" in key and key.endswith("/acc"):
+            prefix, _, step = key.removesuffix("/acc").rpartition("/step")
+            if int(step) >= last_finetune.get(prefix, -1):
+                last_finetune[prefix] = int(step)
+    for key, value in results.items():
+        if not (key.startswith("downstream/") and key.endswith("/acc")):
+            continue
+        scorer = key.removesuffix("/acc")
+        shown = scorer.endswith(("/head", "/tfidf")) or any(
+            scorer == f"{prefix}/step{step}" for prefix, step in last_finetune.items()
+        )
+        if shown:
+            rows.append((scorer, f"{value:.3f} ± {results[f'{scorer}/acc_ci95']:.3f}"))
+    return rows
 
 
 def print_results(results: dict[str, Any]) -> None:
-    """A small table of the headline numbers."""
+    """A small table of the headline numbers (and of the step-0 control beside them, if scored)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{results['run_dir']}  step {results['step']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in ("ppl_token_weighted", "ppl_doc_mean", "loss", "top1_acc", "top5_acc", "n_docs", "n_tokens"):
-        table.add_row(key, f"{results[key]:.4g}")
-    if "meta_query_acc" in results:
-        for name in ("query_acc", "no_adapt_acc"):
-            value, ci = results[f"meta_{name}"], results[f"meta_{name}_ci95"]
-            table.add_row(f"meta_{name}", f"{value:.3f} ± {ci:.3f}")
-        table.add_row("meta_chance", f"{results['meta_chance']:.3f}")
-        table.add_row("meta_tasks", f"{results['meta_tasks']:.0f}")
-        table.add_row("meta_head", results["meta_head"])
-    elif "meta_skipped" in results:
-        table.add_row("meta-test", "skipped")
+    control = dict(_rows(results["step0"])) if "step0" in results else None
+    if control is not None:
+        table.add_column("step 0 (control)", justify="right")
+    for name, value in _rows(results):
+        table.add_row(name, value, *(() if control is None else (control.get(name, ""),)))
     Console().print(table)
     print(f"wrote {results['output']}")
 
@@ -141,7 +168,7 @@ def _main(argv: list[str]) -> dict[str, Any]:
     try:
         results = evaluate_run(args)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+        raise usage_error(f"error: {err}") from err
     print_results(results)
     return results
 

@@ -20,145 +20,35 @@ Every job dir of the sweep (a dir holding ``.hydra/overrides.yaml``) becomes one
 It writes ``report.csv``, ``report.md`` (the table plus per-group summaries) and ``curves.png``
 (``metric`` against step for every job, one color per value of ``group_by``) to ``out``
 (default: the sweep dir).
+
+``study=true`` reports an ``experiment=ar_vs_hybrid`` sweep instead (:mod:`picomaml.eval.study`):
+``study.md`` and ``study.csv`` (per model size and metric, each arm's mean and 95% CI over seeds and
+the paired difference hybrid - AR, beside the step-0 control and the TF-IDF floor, and the tokens each
+arm saw), ``study_scaling.png`` (every metric against parameter count) and ``study_adaptation.png``
+(downstream accuracy against fine-tuning steps)::
+
+    python -m picomaml.report sweep_dir=outputs/ar_vs_hybrid/multirun/<date>/<time> study=true
 """
 
 from __future__ import annotations
 
 import csv
-import json
-import math
-import re
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from picomaml.cli import main_guard, parse_cli_args
+from picomaml.eval.study import JobRecord, collect, float_or_none, group_value, sort_key, write_study
 
-# overrides added by the optuna sweeper for the trial reporter; not hyperparameters
-SWEEP_OVERRIDE = re.compile(r"^\+{0,2}sweep\.")
-STEP_COLUMNS = ("step", "epoch")
-
-
-@dataclass
-class JobRecord:
-    """What the report knows about one job of the sweep."""
-
-    job: int
-    path: Path
-    overrides: list[str]
-    params: dict[str, str]
-    status: str = "missing"
-    metric: float | None = None
-    wall_time_s: float | None = None
-    tokens_seen: int | None = None
-    final: dict[str, float] = field(default_factory=dict)
-    # (step, value) pairs of the learning-curve metric
-    curve: list[tuple[float, float]] = field(default_factory=list)
-
-
-def _float(text: Any) -> float | None:
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _read_metrics(job_dir: Path, metric: str) -> tuple[dict[str, float], list[tuple[float, float]]]:
-    """Last value of every column and the ``metric`` curve from the job's metrics.csv files."""
-    files = sorted(job_dir.rglob("metrics.csv"), key=lambda p: (len(p.parts), _version(p), str(p)))
-    final: dict[str, float] = {}
-    curve: list[tuple[float, float]] = []
-    for path in files:
-        with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                # Lightning writes sparse rows: only the metrics logged at that step are filled
-                for name, text in row.items():
-                    value = _float(text)
-                    if name and name not in STEP_COLUMNS and value is not None:
-                        final[name] = value
-                step, value = _float(row.get("step")), _float(row.get(metric))
-                if step is not None and value is not None:
-                    curve.append((step, value))
-    return final, curve
-
-
-def _version(path: Path) -> int:
-    match = re.search(r"version_(\d+)", str(path))
-    return int(match.group(1)) if match else -1
-
-
-def _trial_states(sweep_dir: Path) -> dict[int, str]:
-    path = sweep_dir / "trials.csv"
-    if not path.exists():
-        return {}
-    with path.open(newline="") as f:
-        return {int(r["number"]): r["state"].lower() for r in csv.DictReader(f)}
-
-
-def _job_number(job_dir: Path) -> int | None:
-    hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
-    if hydra_yaml.exists():
-        num = (yaml.safe_load(hydra_yaml.read_text()) or {}).get("hydra", {}).get("job", {}).get("num")
-        if isinstance(num, int):
-            return num
-    return int(job_dir.name) if job_dir.name.isdigit() else None
-
-
-def collect(sweep_dir: Path, metric: str = "val/loss") -> list[JobRecord]:
-    """Reads every job dir under ``sweep_dir``, sorted by job number."""
-    states = _trial_states(sweep_dir)
-    records = []
-    for overrides_file in sweep_dir.rglob(".hydra/overrides.yaml"):
-        job_dir = overrides_file.parent.parent
-        number = _job_number(job_dir)
-        if number is None:
-            continue
-        overrides = [
-            o for o in (yaml.safe_load(overrides_file.read_text()) or []) if not SWEEP_OVERRIDE.match(o)
-        ]
-        params = {}
-        for o in overrides:
-            key, _, value = o.partition("=")
-            params[key.lstrip("+~")] = value
-        rec = JobRecord(job=number, path=job_dir, overrides=overrides, params=params)
-        result_file = job_dir / "result.json"
-        if result_file.exists():
-            result = json.loads(result_file.read_text())
-            rec.status = str(result.get("status", "unknown"))
-            rec.metric = _float(result.get("metric"))
-            rec.wall_time_s = _float(result.get("wall_time_s"))
-            tokens = result.get("tokens_seen")
-            rec.tokens_seen = int(tokens) if tokens is not None else None
-        elif number in states:
-            rec.status = states[number]
-        rec.final, rec.curve = _read_metrics(job_dir, metric)
-        records.append(rec)
-    return sorted(records, key=lambda r: r.job)
-
-
-def group_value(rec: JobRecord, key: str) -> str:
-    """The job's value of ``key``: its override, else the value in its composed ``.hydra/config.yaml``."""
-    if key in rec.params:
-        return rec.params[key]
-    config = rec.path / ".hydra" / "config.yaml"
-    if config.exists():
-        from omegaconf import OmegaConf
-
-        value = OmegaConf.select(OmegaConf.load(config), key, default=None)
-        if value is not None:
-            return str(value)
-    return "?"
+__all__ = ["JobRecord", "collect", "group_value", "main", "write_report"]
 
 
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, str) and "." in value and _float(value) is not None:
+    if isinstance(value, str) and "." in value and float_or_none(value) is not None:
         value = float(value)  # an optuna-sampled override: 0.5177067085432894 reads better as 0.517707
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -189,17 +79,12 @@ def _group_summary(records: list[JobRecord], key: str) -> tuple[list[str], list[
     for r in records:
         groups.setdefault(group_value(r, key), []).append(r)
     rows = []
-    for value, members in sorted(groups.items(), key=lambda kv: _sort_key(kv[0])):
+    for value, members in sorted(groups.items(), key=lambda kv: sort_key(kv[0])):
         metrics = [r.metric for r in members if r.metric is not None]
         done = sum(r.status == "completed" for r in members)
         stats = [statistics.mean(metrics), min(metrics), max(metrics)] if metrics else [None] * 3
         rows.append([value, len(members), done, *stats])
     return [key, "jobs", "completed", "mean metric", "min metric", "max metric"], rows
-
-
-def _sort_key(value: str) -> tuple[int, float, str]:
-    number = _float(value)
-    return (0, number, value) if number is not None else (1, 0.0, value)
 
 
 def plot_curves(records: list[JobRecord], metric: str, path: Path, group_by: str | None) -> bool:
@@ -217,7 +102,7 @@ def plot_curves(records: list[JobRecord], metric: str, path: Path, group_by: str
     if not with_curves:
         return False
     group = {r.job: group_value(r, group_by) if group_by else "" for r in with_curves}
-    values = sorted(set(group.values()), key=_sort_key)
+    values = sorted(set(group.values()), key=sort_key)
     if len(values) <= 10:
         colors = [plt.get_cmap("tab10")(i) for i in range(len(values))]
         labelled = values
@@ -279,22 +164,26 @@ class ReportArgs:
 
     sweep_dir: a multirun dir (holds one dir per job). group_by: config key to group curves and
     summaries by, e.g. model. metric: metrics.csv column to plot. out: where to write the report
-    (default: the sweep dir).
+    (default: the sweep dir). study: true reports an experiment=ar_vs_hybrid sweep (study.md,
+    study.csv, study_scaling.png, study_adaptation.png) instead of the plain sweep table.
     """
 
     sweep_dir: str
     group_by: str | None = None
     metric: str = "val/loss"
     out: str | None = None
+    study: bool = False
 
 
 def _main(argv: list[str]) -> dict[str, Path]:
     args = parse_cli_args(ReportArgs, argv, "picomaml.report")
     if not Path(args.sweep_dir).is_dir():
         raise FileNotFoundError(f"sweep_dir={args.sweep_dir} is not a directory")
-    written = write_report(
-        Path(args.sweep_dir), args.group_by, args.metric, Path(args.out) if args.out else None
-    )
+    out = Path(args.out) if args.out else None
+    if args.study:
+        written = write_study(Path(args.sweep_dir), out)
+    else:
+        written = write_report(Path(args.sweep_dir), args.group_by, args.metric, out)
     for path in written.values():
         print(path)
     return written
