@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+from picomaml.eval.downstream import DownstreamConfig, evaluate_downstream, scalar_metrics
 from picomaml.eval.lm import evaluate_lm
 from picomaml.eval.meta import eval_meta_config, evaluate_meta
 from picomaml.meta import MetaConfig
@@ -20,6 +21,7 @@ def evaluate_light(
     episodes: int = 20,
     max_val_batches: int | None = None,
     seed: int = 0,
+    downstream: DownstreamConfig | None = None,
 ) -> dict[str, float]:
     """A cheap evaluation the training loop can run every few hundred steps (on one rank).
 
@@ -57,6 +59,11 @@ def evaluate_light(
             finally:
                 if head is not None:
                     head.train(was_head_training)
+        if downstream is not None:
+            # few-shot accuracy on real labelled tasks, head-only (the light form: no fine-tuning copy)
+            head = getattr(module, "meta_head", None)
+            scored = evaluate_downstream(model, head, datamodule.tokenizer, downstream, meta_config)
+            results.update(scalar_metrics(scored))
         return results
     finally:
         model.train(was_training)

@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from picomaml.eval.downstream import DownstreamConfig
 from picomaml.eval.light import evaluate_light
 from picomaml.eval.meta import load_meta_config
 
@@ -32,6 +33,9 @@ class PeriodicEvaluation(pl.Callback):
             without ``meta_config`` gets no meta-test keys.
         max_val_batches: validation micro-batches to score (None: all of the datamodule's).
         meta_config: a meta config name (``conf/meta/<name>.yaml``) for runs trained without one.
+        downstream: keys of :class:`~picomaml.eval.downstream.DownstreamConfig` for few-shot accuracy on
+            the real labelled tasks (head-only; keep it light: one k, a few episodes, no fine-tuning);
+            None turns it off.
         results_dir: where the JSON files go (default ``<trainer.default_root_dir>/eval_results``).
     """
 
@@ -42,6 +46,7 @@ class PeriodicEvaluation(pl.Callback):
         max_val_batches: int | None = 4,
         meta_config: str | None = None,
         results_dir: str | os.PathLike | None = None,
+        downstream: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if every_n_steps < 1:
@@ -51,6 +56,10 @@ class PeriodicEvaluation(pl.Callback):
         self.max_val_batches = max_val_batches
         self.meta_config = meta_config
         self.results_dir = Path(results_dir) if results_dir is not None else None
+        try:
+            self.downstream = DownstreamConfig(**downstream) if downstream is not None else None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"callbacks.periodic_eval.downstream: {err}") from err
         self._last_step = -1
         self._meta: Any = None
 
@@ -76,6 +85,7 @@ class PeriodicEvaluation(pl.Callback):
             episodes=self.episodes,
             max_val_batches=self.max_val_batches,
             seed=getattr(pl_module, "seed", 0),
+            downstream=self.downstream,
         )
         metrics = {f"eval/{k}": float(v) for k, v in results.items()}
         for logger in trainer.loggers:
