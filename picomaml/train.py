@@ -88,11 +88,12 @@ def prepare_run(cfg: DictConfig) -> RunPlan:
     resume_from = resume_checkpoint(cfg.ckpt_path, output_dir)
     resume_step = None if resume_from is None else check_architecture(resume_from, model_config)
 
-    if meta.enabled:
-        try:
+    try:
+        datamodule.check()  # reads the data now, AR-only runs too: a bad file fails here, not inside fit
+        if meta.enabled:
             datamodule.setup_meta(meta)  # builds the word index: too few eligible words fail here
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     module = PicoLitModule(model_config, optim, seq_len=cfg.data.seq_len, meta=meta, seed=cfg.seed)
     module.validation_listeners.append(PruningListener(cfg))
     trainer = build_trainer(cfg, optim, output_dir, resume_step)

@@ -174,6 +174,13 @@ def test_text_corpus_reads_txt_jsonl_parquet_in_order(tmp_path):
         list(TextCorpus(paths=str(tmp_path / "c.jsonl")).documents())
 
 
+def test_json_records_skip_blank_lines_and_null_texts_and_arrays_work(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": null}\n{"text": "  "}\n{"text": "two"}\n')
+    (tmp_path / "b.json").write_text(json.dumps([{"text": "three"}, {"text": "four"}]))
+    corpus = TextCorpus(paths=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.json")])
+    assert list(corpus.documents()) == ["one", "two", "three", "four"]
+
+
 def test_text_datamodule_packs_local_files(tmp_path):
     files = tmp_path / "docs"
     files.mkdir()

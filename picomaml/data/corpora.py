@@ -5,22 +5,30 @@ changes whenever the documents could change (package version, file sizes and mti
 options). The packing layer tokenizes the documents and caches the result under that fingerprint,
 so a corpus is read once per machine and the cache is never stale.
 
+The packer reads a corpus as :class:`Piece` objects (:meth:`pieces`), not whole documents: a document
+longer than :data:`MAX_PIECE_CHARS` characters arrives in several pieces, so that neither reading a
+file nor tokenizing it ever holds more than a few MB of text, however long its documents are. Pieces
+end where the tokenizer would end a token anyway (see :func:`split_document`), so the tokens of a long
+document are those of the whole document.
+
 Dolma is not here: it arrives pretokenized and is streamed (see :mod:`picomaml.data.dolma`).
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import hashlib
 import importlib.metadata
+import io
 import itertools
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 
@@ -36,6 +44,93 @@ _SPACE_RUNS = re.compile(r" {2,}")
 _SPACE_BEFORE_PUNCT = re.compile(r" +([,.;:!?)])")
 _SPACE_AFTER_PAREN = re.compile(r"\( +")
 _SPACES_AROUND_NEWLINE = re.compile(r" *\n *")
+
+
+MAX_PIECE_CHARS = 1 << 18
+"""Longest piece of a document handed to the tokenizer at once (characters).
+
+The GPT-2 tokenizer needs about 100 bytes of memory per character it encodes in one call; 256 Ki
+characters keep a call near 25 MB, and still give the Rust backend long enough inputs to be fast."""
+_READ_BLOCK_BYTES = 1 << 20
+MAX_RECORD_BYTES = 64 << 20
+"""Longest line of a JSON lines file (and largest ``.json`` array file): a record is parsed whole."""
+# Cutting a document in front of one of these (after a non-space) cannot change its tokens: the
+# GPT-2 pre-tokenizer regex, which BPE never merges across, also ends a token there (see split_document).
+_ASCII_SPACES = (" ", "\n", "\t", "\r", "\x0b", "\x0c")
+_MAX_CUT_TRIES = 8
+
+
+class Piece(NamedTuple):
+    """A stretch of one document's text; ``last`` marks the document's final piece (eos follows it)."""
+
+    text: str
+    last: bool = True
+
+
+def is_blank(text: str) -> bool:
+    """True for empty and whitespace-only text: such documents are skipped."""
+    return not text or text.isspace()
+
+
+def _cut(text: str, start: int, max_chars: int) -> int:
+    """End of the piece of ``text`` that starts at ``start`` (which has more than ``max_chars`` left).
+
+    The cut goes in front of the last whitespace run within ``text[start : start + max_chars + 1]``
+    that starts with an ASCII space, tab or newline right after a non-space character. Byte-level BPE
+    never merges across a pre-token boundary, and GPT-2's pre-token regex (also OLMo's) has no
+    look-behind, matches whitespace only as whitespace runs or as the single space in front of a word,
+    and so always ends a pre-token in front of such a run and starts the next one there: the two sides
+    tokenize exactly as they do inside the whole document. The decision reads only those
+    ``max_chars + 1`` characters, so a streaming reader and an in-memory split cut in the same places.
+    Without such a run (one enormous word, minified data), the piece is cut at ``max_chars``; that can
+    change a token or two at the cut, the same ones every time.
+    """
+    window = text[start : start + max_chars + 1]
+    high = len(window)
+    for _ in range(_MAX_CUT_TRIES):
+        candidate = max(window.rfind(space, 1, high) for space in _ASCII_SPACES)
+        if candidate <= 0:
+            break
+        run_start = len(window[:candidate].rstrip())  # a run may mix in non-ASCII spaces (NBSP)
+        if run_start > 0 and window[run_start] in _ASCII_SPACES:
+            return start + run_start
+        high = run_start
+    return start + max_chars
+
+
+def split_document(text: str, max_chars: int | None = None, *, closes: bool = True) -> Iterator[Piece]:
+    """``text`` as pieces of at most ``max_chars`` (default :data:`MAX_PIECE_CHARS`) characters.
+
+    The pieces concatenate to ``text`` and tokenize to the tokens of ``text`` (see :func:`_cut`). The
+    final piece is ``last`` when ``closes`` (a reader streaming a document passes False for its middle).
+    """
+    max_chars = max_chars or MAX_PIECE_CHARS
+    start = 0
+    while len(text) - start > max_chars:
+        end = _cut(text, start, max_chars)
+        yield Piece(text[start:end], last=False)
+        start = end
+    if closes or start < len(text):
+        yield Piece(text[start:] if start else text, last=closes)
+
+
+def document_pieces(documents: Iterable[str]) -> Iterator[Piece]:
+    """The pieces of whole documents held in memory (the non-blank ones)."""
+    for document in documents:
+        if not is_blank(document):
+            yield from split_document(document)
+
+
+def join_pieces(pieces: Iterable[Piece]) -> Iterator[str]:
+    """Whole documents from pieces (the inverse of :func:`document_pieces`); blank ones are skipped."""
+    parts: list[str] = []
+    for piece in pieces:
+        parts.append(piece.text)
+        if piece.last:
+            document = "".join(parts)
+            parts = []
+            if not is_blank(document):
+                yield document
 
 
 def _clean_wiki(text: str) -> str:
@@ -70,6 +165,9 @@ class WikiCorpus:
         stat = self._path().stat()
         return f"{version}-{stat.st_size}-clean{_WIKI_CLEANING_VERSION}"
 
+    def describe(self) -> str:
+        return "corpus 'wiki'"
+
     def documents(self) -> Iterator[str]:
         articles = json.loads(self._path().read_text(encoding="utf-8"))
         for article in articles.values():
@@ -77,22 +175,60 @@ class WikiCorpus:
             if text:
                 yield text
 
+    def pieces(self) -> Iterator[Piece]:
+        return document_pieces(self.documents())
+
 
 _TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_PATHS_KEY = "data.corpus_options.paths"
+_TEXT_KEY_KEY = "data.corpus_options.text_key"
+
+
+def _file_error(key: str, path: Path, problem: str) -> ValueError:
+    """The one-line error for a data file: the config key that chose it, the file, what is wrong."""
+    return ValueError(f"{key}: {path} {problem}")
+
+
+def _decode_error(path: Path, err: UnicodeDecodeError, offset: int) -> ValueError:
+    byte = err.object[err.start : err.start + 1].hex()
+    return _file_error(
+        _PATHS_KEY,
+        path,
+        f"is not UTF-8 text: byte 0x{byte} at offset {offset} is invalid "
+        "(a binary file, or text in another encoding such as Latin-1 or UTF-16)",
+    )
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, as a user wrote it in the file."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), "null")
+
+
+def _describe_paths(paths: str | Sequence[str]) -> str:
+    if isinstance(paths, str | os.PathLike):
+        return f"{_PATHS_KEY}={str(paths)!r}"
+    return f"{_PATHS_KEY}=[{', '.join(repr(str(p)) for p in paths)}]"
 
 
 @dataclasses.dataclass(frozen=True)
 class TextCorpus:
-    """Local files read through ``datasets`` (streaming, so nothing is copied into the HF cache).
+    """Local files, streamed: never more than a few MB of any file in memory at once.
 
     - ``paths``: one path or glob, or a list of them; globs expand in sorted order, and documents
-      keep the order of the list.
-    - ``.txt``: one document per file (``txt_unit="file"``) or per blank-line separated paragraph
-      (``txt_unit="paragraph"``).
-    - ``.jsonl`` / ``.json`` (JSON lines) and ``.parquet``: one document per record, from the
-      ``text_key`` column.
+      keep the order of the list. Each entry must match at least one file.
+    - ``.txt`` (UTF-8; ``\\r\\n`` and ``\\r`` read as ``\\n``): one document per file
+      (``txt_unit="file"``) or per blank-line separated paragraph (``txt_unit="paragraph"``).
+    - ``.jsonl`` / ``.json``: JSON lines, one document per record, from its ``text_key`` field (a
+      ``.json`` file that holds one JSON array of records works too); blank lines and null or empty
+      texts are skipped.
+    - ``.parquet``: one document per row, from the ``text_key`` column.
 
-    Empty and whitespace-only documents are skipped.
+    Empty and whitespace-only documents are skipped, but a file that yields no document at all is an
+    error, as is a file that is not UTF-8 text, a record that is not JSON or lacks ``text_key``, and a
+    Parquet file that cannot be read: reading raises ValueError naming the config key, the file, and
+    (where it applies) the line and the byte offset. A long document is read and handed on in pieces
+    (see :func:`split_document`), so a one-line file of any size is read in bounded memory.
     """
 
     name: ClassVar[str] = "text"
@@ -102,22 +238,34 @@ class TextCorpus:
 
     def __post_init__(self) -> None:
         if self.txt_unit not in ("file", "paragraph"):
-            raise ValueError(f"corpus_options.txt_unit must be 'file' or 'paragraph', got {self.txt_unit!r}")
-        if not self.files():
-            raise ValueError(f"corpus_options.paths matched no files: {self.paths!r}")
+            raise ValueError(
+                f"data.corpus_options.txt_unit must be 'file' or 'paragraph', got {self.txt_unit!r}"
+            )
+        self.files()
+
+    def describe(self) -> str:
+        return f"the text corpus {_describe_paths(self.paths)}"
 
     def files(self) -> list[Path]:
-        """The input files in document order."""
+        """The input files in document order; ValueError when an entry of ``paths`` matches no file."""
         patterns = [self.paths] if isinstance(self.paths, str | os.PathLike) else list(self.paths)
+        if not patterns:
+            raise ValueError(f"{_PATHS_KEY} is empty: give a file, a glob, or a list of them")
         files: list[Path] = []
         for pattern in patterns:
             matches = sorted(glob.glob(os.path.expanduser(str(pattern)), recursive=True))
-            files.extend(Path(m) for m in matches if Path(m).is_file())
+            found = [Path(m) for m in matches if Path(m).is_file()]
+            if not found:
+                # one typo'd entry of a list would otherwise silently drop its share of the corpus
+                raise ValueError(f"{_PATHS_KEY}: {str(pattern)!r} matches no files")
+            files.extend(found)
         for path in files:
             if path.suffix not in _TEXT_SUFFIXES:
-                raise ValueError(
-                    f"corpus_options.paths: unsupported file type {path.suffix!r} ({path}); "
-                    f"supported: {', '.join(sorted(_TEXT_SUFFIXES))}"
+                raise _file_error(
+                    _PATHS_KEY,
+                    path,
+                    f"has an unsupported file type {path.suffix!r}; supported: "
+                    f"{', '.join(sorted(_TEXT_SUFFIXES))}",
                 )
         return files
 
@@ -130,28 +278,211 @@ class TextCorpus:
         return digest.hexdigest()
 
     def documents(self) -> Iterator[str]:
-        from datasets import load_dataset
+        """Whole documents (a long one is joined from its pieces: prefer :meth:`pieces` for big files)."""
+        return join_pieces(self.pieces())
 
-        # One load_dataset call per run of same-type files keeps the user's file order.
-        for builder, group in itertools.groupby(self.files(), key=lambda p: _TEXT_SUFFIXES[p.suffix]):
-            data_files = [str(p) for p in group]
-            kwargs: dict[str, Any] = {}
-            key = self.text_key
-            if builder == "text":
-                kwargs["sample_by"] = "document" if self.txt_unit == "file" else "paragraph"
-                key = "text"
-            elif builder == "parquet":
-                kwargs["columns"] = [self.text_key]
-            stream = load_dataset(builder, data_files=data_files, split="train", streaming=True, **kwargs)
-            for record in stream:
-                if key not in record:
-                    raise ValueError(
-                        f"corpus_options.text_key: column {key!r} not found in {data_files}; "
-                        f"columns are {sorted(record)}"
+    def pieces(self) -> Iterator[Piece]:
+        """Every file's documents as pieces, file by file in the order of :meth:`files`."""
+        for path in self.files():
+            yield from self._file_pieces(path)
+
+    def _file_pieces(self, path: Path) -> Iterator[Piece]:
+        try:
+            size = path.stat().st_size
+            if size == 0:
+                raise _file_error(_PATHS_KEY, path, "is empty (0 bytes)")
+            readers = {"text": self._text_pieces, "json": self._json_pieces, "parquet": self._parquet_pieces}
+            found_text = False
+            for piece in readers[_TEXT_SUFFIXES[path.suffix]](path):
+                found_text = found_text or not is_blank(piece.text)
+                yield piece
+        except OSError as err:  # unreadable, or gone since the glob
+            raise _file_error(_PATHS_KEY, path, f"cannot be read: {err.strerror or err}") from err
+        if not found_text:
+            blank = f"no record with a non-blank {self.text_key!r}"
+            what = "only whitespace" if path.suffix == ".txt" else blank
+            raise _file_error(_PATHS_KEY, path, f"holds {what} ({size} bytes): no documents")
+
+    @staticmethod
+    def _decoded_blocks(path: Path) -> Iterator[str]:
+        """The file's text in blocks of about a MB, decoded as UTF-8 with universal newlines."""
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        newlines = io.IncrementalNewlineDecoder(None, translate=True)
+        offset = 0
+        with open(path, "rb") as file:
+            while True:
+                block = file.read(_READ_BLOCK_BYTES)
+                final = not block
+                # NUL is valid UTF-8 but never in text: the first sign of a binary file, or of UTF-16
+                nul = block.find(b"\x00")
+                nul_at = offset + nul if nul >= 0 else None
+                pending = len(decoder.getstate()[0])  # bytes of a character split by the last block
+                try:
+                    text = decoder.decode(block, final)
+                except UnicodeDecodeError as err:
+                    bad = offset - pending + err.start
+                    if nul_at is None or bad < nul_at:
+                        raise _decode_error(path, err, bad) from None
+                if nul_at is not None:
+                    raise _file_error(
+                        _PATHS_KEY,
+                        path,
+                        f"is binary, not text: NUL byte at offset {nul_at} "
+                        "(UTF-16 text has them too; picomaml reads UTF-8)",
                     )
-                text = record[key]
-                if text and text.strip():
-                    yield text
+                yield newlines.decode(text, final)
+                if final:
+                    return
+                offset += len(block)
+
+    def _text_pieces(self, path: Path) -> Iterator[Piece]:
+        """A ``.txt`` file's documents (the file, or its paragraphs), streamed as pieces.
+
+        ``tail`` holds the text of the open document after its last emitted piece. Once it is longer
+        than a piece, every piece :func:`split_document` would cut from it anyway goes out, so it stays
+        below a piece plus a block; the cuts are the ones the whole document would get.
+        """
+        paragraphs = self.txt_unit == "paragraph"
+        tail = ""
+        continued = False  # the open document already has pieces out
+        for block in self._decoded_blocks(path):
+            tail += block
+            if paragraphs:
+                *complete, tail = tail.split("\n\n")
+                for paragraph in complete:
+                    if continued or not is_blank(paragraph):
+                        yield from split_document(paragraph)
+                    continued = False
+            # a final "\n" may begin the next "\n\n": it is not yet known to belong to the paragraph
+            known = len(tail) - (paragraphs and tail.endswith("\n"))
+            if known > MAX_PIECE_CHARS:
+                *ready, _rest = split_document(tail[:known], closes=False)
+                yield from ready
+                tail = tail[sum(len(piece.text) for piece in ready) :]
+                continued = True
+        if continued or not is_blank(tail):
+            yield from split_document(tail)
+
+    def _json_pieces(self, path: Path) -> Iterator[Piece]:
+        with open(path, "rb") as file:
+            head = file.read(64).lstrip()
+        records = self._json_array(path) if head.startswith(b"[") else self._json_lines(path)
+        for where, record in records:
+            if not isinstance(record, dict):
+                raise _file_error(
+                    _PATHS_KEY,
+                    path,
+                    f"{where} is a JSON {_json_type(record)}, not an object with a {self.text_key!r} field "
+                    "(.jsonl/.json files hold one JSON object per line)",
+                )
+            if self.text_key not in record:
+                fields = ", ".join(repr(k) for k in list(record)[:10]) or "none"
+                raise _file_error(
+                    _TEXT_KEY_KEY,
+                    path,
+                    f"{where} has no {self.text_key!r} field (its fields: {fields}); "
+                    f"set {_TEXT_KEY_KEY} to the field that holds the text",
+                )
+            text = record[self.text_key]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise _file_error(
+                    _TEXT_KEY_KEY,
+                    path,
+                    f"{where}: field {self.text_key!r} holds a JSON {_json_type(text)}, not a string",
+                )
+            if not is_blank(text):
+                yield from split_document(text)
+
+    @staticmethod
+    def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+        offset = 0
+        with open(path, "rb") as file:
+            for number in itertools.count(1):
+                # a bounded read: a file without newlines must not be read whole as one "line"
+                line = file.readline(MAX_RECORD_BYTES + 1)
+                if not line:
+                    return
+                if len(line) > MAX_RECORD_BYTES:
+                    raise _file_error(
+                        _PATHS_KEY,
+                        path,
+                        f"line {number} is longer than {MAX_RECORD_BYTES >> 20} MiB; split the record, "
+                        "or put long texts in .txt files (read in pieces)",
+                    )
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise _decode_error(path, err, offset + err.start) from None
+                offset += len(line)
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise _file_error(
+                        _PATHS_KEY,
+                        path,
+                        f"line {number} is not valid JSON ({err.msg} at column {err.colno})",
+                    ) from None
+                yield f"line {number}", record
+
+    @staticmethod
+    def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            raise _file_error(
+                _PATHS_KEY,
+                path,
+                f"is a JSON array larger than {MAX_RECORD_BYTES >> 20} MiB; write it as JSON lines "
+                "(one record per line), which is read record by record",
+            )
+        data = path.read_bytes()
+        try:
+            records = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise _decode_error(path, err, err.start) from None
+        except json.JSONDecodeError as err:
+            raise _file_error(
+                _PATHS_KEY, path, f"is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+            ) from None
+        for index, record in enumerate(records):
+            yield f"array item {index}", record
+
+    def _parquet_pieces(self, path: Path) -> Iterator[Piece]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            file = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise _file_error(_PATHS_KEY, path, f"is not a readable Parquet file ({reason})") from None
+        schema = file.schema_arrow
+        if self.text_key not in schema.names:
+            raise _file_error(
+                _TEXT_KEY_KEY,
+                path,
+                f"has no column {self.text_key!r} (columns: {', '.join(map(repr, schema.names))}); "
+                f"set {_TEXT_KEY_KEY} to the column that holds the text",
+            )
+        column_type = schema.field(self.text_key).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise _file_error(
+                _TEXT_KEY_KEY, path, f"column {self.text_key!r} holds {column_type}, not strings"
+            )
+        batches = file.iter_batches(batch_size=256, columns=[self.text_key])
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise _file_error(_PATHS_KEY, path, f"is a corrupt Parquet file ({reason})") from None
+            if batch is None:
+                return
+            for text in batch.column(0).to_pylist():
+                if text is not None and not is_blank(text):
+                    yield from split_document(text)
 
 
 SYNTHETIC_KINDS = ("counting", "arithmetic", "geometric", "alternating", "random_walk")
@@ -190,6 +521,9 @@ class SyntheticCorpus:
         spec = (self.n_docs, self.min_terms, self.max_terms, tuple(self.kinds), self.generator_seed)
         return hashlib.blake2b(repr(spec).encode(), digest_size=12).hexdigest()
 
+    def describe(self) -> str:
+        return f"corpus 'synthetic' (data.corpus_options.n_docs={self.n_docs})"
+
     def documents(self) -> Iterator[str]:
         rng = np.random.default_rng(self.generator_seed)
         kinds = list(self.kinds)
@@ -198,6 +532,9 @@ class SyntheticCorpus:
             n = int(rng.integers(self.min_terms, self.max_terms + 1))
             terms = self._terms(kind, n, rng)
             yield f"{kind}: " + ", ".join(str(t) for t in terms)
+
+    def pieces(self) -> Iterator[Piece]:
+        return document_pieces(self.documents())
 
     @staticmethod
     def _terms(kind: str, n: int, rng: np.random.Generator) -> list[int]:

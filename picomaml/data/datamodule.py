@@ -276,9 +276,42 @@ class PicoDataModule(L.LightningDataModule):
 
     # -- building and loading ------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Read the data now, so that what is wrong with it fails before training, in one line.
+
+        ``prepare_run`` calls this for every run, AR-only or not. Packed corpora are built (or loaded
+        from the cache) and kept; a ValueError names the config key, and the file where one is at
+        fault: a glob that matches nothing, an empty, binary or non-UTF-8 file, a JSON line that is not
+        JSON or lacks ``data.corpus_options.text_key``, a corrupt Parquet file, a split left without
+        documents, or a corpus with too few tokens for one training row plus the validation rows.
+        Dolma is streamed from the Hub shard by shard, so nothing is read here.
+        """
+        if self.corpus is None:
+            return
+        packed = self.packed
+        width = self.seq_len + 1
+        val_rows = self.val_batches * self.batch_size
+        n_tokens = sum(len(s.stream.tokens) for s in (packed.train, packed.val, packed.meta_test))
+        needed = (1 + val_rows) * width
+        if n_tokens < needed:
+            raise ValueError(
+                f"data.seq_len={self.seq_len}: {self.corpus.describe()} has {n_tokens} tokens, fewer than "
+                f"the {needed} that one training row and data.val_batches={self.val_batches} x "
+                f"data.batch_size={self.batch_size} validation rows of data.seq_len + 1 = {width} tokens "
+                "need; add text, or lower data.seq_len, data.val_batches or data.batch_size"
+            )
+        n_train = len(packed.train.stream.tokens)
+        if n_train < width:
+            raise ValueError(
+                f"data.val_fraction={self.val_fraction} and data.meta_test_fraction="
+                f"{self.meta_test_fraction} leave {n_train} training tokens of the {n_tokens} in "
+                f"{self.corpus.describe()}, fewer than one row of data.seq_len + 1 = {width} tokens; "
+                "lower them, lower data.seq_len, or add text"
+            )
+
     def prepare_data(self) -> None:
         """Build the packed cache once (Lightning calls this on one process per node)."""
-        if self.corpus is not None:
+        if self.corpus is not None and self._packed is None:
             self._load()
 
     def setup(self, stage: str | None = None) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -42,13 +41,16 @@ import numpy as np
 import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
-from picomaml.data.corpora import Corpus
+from picomaml.data.corpora import Corpus, Piece, TextCorpus, document_pieces, is_blank
 
 log = logging.getLogger(__name__)
 
 # Bumped whenever the cache layout or the packing rule changes (2: the meta_test split).
 CACHE_FORMAT_VERSION = 2
 _ENCODE_BATCH = 1024
+# The tokenizer's memory grows with the characters of a call (~100 bytes each for GPT-2), so a call also
+# stops at this many characters: a batch of long documents stays near 100 MB.
+_ENCODE_BATCH_CHARS = 1 << 20
 SPLITS = ("train", "val", "meta_test")
 """Split names; a document's split code (see :func:`assign_splits`) is its position here."""
 _ARRAYS = ("tokens", "doc_offsets", "doc_ids")
@@ -165,25 +167,62 @@ def assign_splits(n_docs: int, val_fraction: float, meta_test_fraction: float, s
 def tokenize_documents(
     documents: Iterable[str], tokenizer: PreTrainedTokenizerBase
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize documents in batches; return ``(tokens, doc_offsets)`` with eos after each document.
+    """Tokenize whole documents; return ``(tokens, doc_offsets)`` with eos after each document.
 
-    Uses the Rust backend's ``encode_batch_fast`` (parallel, no offsets): the Python-level
-    ``tokenizer(...)`` call would spend most of its time building per-token Python objects.
+    Blank documents are skipped; long ones are tokenized in pieces (see :func:`tokenize_pieces`).
+    Raises ValueError when no document is left.
+    """
+    tokens, doc_offsets = tokenize_pieces(document_pieces(documents), tokenizer)
+    if len(doc_offsets) == 1:
+        raise ValueError("the corpus has no documents")
+    return tokens, doc_offsets
+
+
+def _encode_batches(pieces: Iterable[Piece]) -> Iterator[list[Piece]]:
+    """Consecutive pieces, up to ``_ENCODE_BATCH`` of them or ``_ENCODE_BATCH_CHARS`` characters."""
+    batch: list[Piece] = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece.text)
+        if len(batch) >= _ENCODE_BATCH or chars >= _ENCODE_BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize_pieces(
+    pieces: Iterable[Piece], tokenizer: PreTrainedTokenizerBase
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize documents given as pieces (a corpus's ``pieces()``); return ``(tokens, doc_offsets)``.
+
+    A document's tokens are its pieces' tokens back to back, then one eos; a document whose pieces are
+    all blank is dropped. Batches are bounded in pieces and characters, so memory stays flat whatever
+    the length of a document. Uses the Rust backend's ``encode_batch_fast`` (parallel, no offsets):
+    the Python-level ``tokenizer(...)`` call would spend most of its time building per-token Python
+    objects.
     """
     backend = tokenizer.backend_tokenizer
-    eos = tokenizer.eos_token_id
+    eos = np.array([tokenizer.eos_token_id], dtype=np.int32)
     chunks: list[np.ndarray] = []
     lengths: list[int] = []
-    iterator: Iterator[str] = iter(documents)
-    while batch := list(itertools.islice(iterator, _ENCODE_BATCH)):
-        for encoding in backend.encode_batch_fast(batch, add_special_tokens=False):
-            ids = encoding.ids
-            chunks.append(np.asarray(ids, dtype=np.int32))
-            lengths.append(len(ids) + 1)
-    if not chunks:
-        raise ValueError("the corpus has no documents")
-    eos_array = np.array([eos], dtype=np.int32)
-    tokens = np.concatenate([piece for chunk in chunks for piece in (chunk, eos_array)])
+    document: list[np.ndarray] = []  # tokens of the pieces of the open document
+    blank = True
+    for batch in _encode_batches(pieces):
+        encodings = backend.encode_batch_fast([piece.text for piece in batch], add_special_tokens=False)
+        for piece, encoding in zip(batch, encodings, strict=True):
+            document.append(np.asarray(encoding.ids, dtype=np.int32))
+            blank = blank and is_blank(piece.text)
+            if piece.last:
+                if not blank:
+                    chunks.extend(document)
+                    chunks.append(eos)
+                    lengths.append(sum(len(ids) for ids in document) + 1)
+                document, blank = [], True
+    if document:
+        raise RuntimeError("the corpus's last piece does not close its document (last=False)")
+    tokens = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int32)
     doc_offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     return tokens, doc_offsets
 
@@ -258,8 +297,12 @@ def _write_atomic(path: Path, key: dict, padded: dict[str, dict[str, np.ndarray]
     The rename is atomic, so a reader sees either no file or a complete one, even when two jobs build
     the same cache at once.
     """
+    # one list cell over each numpy buffer, built without a copy (pa.array([array]) would copy it)
     columns = {
-        f"{split}_{name}": pa.array([padded[split][name]], type=pa.large_list(_ARRAY_TYPES[name]))
+        f"{split}_{name}": pa.LargeListArray.from_arrays(
+            pa.array([0, len(padded[split][name])], type=pa.int64()),
+            pa.array(padded[split][name], type=_ARRAY_TYPES[name]),
+        )
         for split in SPLITS
         for name in _ARRAYS
     }
@@ -315,6 +358,25 @@ def _read(path: Path, key: dict, seq_len: int) -> PackedCorpus:
     return PackedCorpus(train=splits["train"], val=splits["val"], meta_test=splits["meta_test"], path=path)
 
 
+def _no_documents_message(
+    corpus: Corpus, split: str, n_docs: int, val_fraction: float, meta_test_fraction: float
+) -> str:
+    """Why a split got no document, and the keys that fix it (a split is whole documents)."""
+    fractions = f"data.val_fraction={val_fraction} and data.meta_test_fraction={meta_test_fraction}"
+    more = "add documents"
+    if isinstance(corpus, TextCorpus) and corpus.txt_unit == "file":
+        more += " (data.corpus_options.txt_unit=paragraph makes each paragraph of a .txt file a document)"
+    off = {
+        "train": "or lower data.val_fraction and data.meta_test_fraction",
+        "val": "or set data.val_fraction=0 data.val_batches=0 (no validation)",
+        "meta_test": "or set data.meta_test_fraction=0 (no meta-learning, no meta-test evaluation)",
+    }[split]
+    return (
+        f"{fractions} leave no {split} document: {corpus.describe()} has {n_docs} document"
+        f"{'s' if n_docs != 1 else ''}, and the splits are by whole documents; {more}, {off}"
+    )
+
+
 def build_packed(
     corpus: Corpus,
     tokenizer: PreTrainedTokenizerBase,
@@ -333,16 +395,17 @@ def build_packed(
     key = cache_key(corpus, tokenizer_name, seq_len, val_fraction, seed, meta_test_fraction)
     path = cache_path(cache_dir, key)
     started = time.perf_counter()
-    tokens, doc_offsets = tokenize_documents(corpus.documents(), tokenizer)
+    tokens, doc_offsets = tokenize_pieces(corpus.pieces(), tokenizer)
+    if len(doc_offsets) == 1:
+        raise ValueError(f"{corpus.describe()} has no documents")
     codes = assign_splits(len(doc_offsets) - 1, val_fraction, meta_test_fraction, seed)
     streams = split_stream(tokens, doc_offsets, codes)
+    del tokens  # the splits hold copies: keep one copy of a big corpus in memory, not two
     fractions = {"train": 1.0, "val": val_fraction, "meta_test": meta_test_fraction}
     for split in SPLITS:
         if fractions[split] > 0 and streams[split].n_docs == 0:
-            raise ValueError(
-                f"val_fraction={val_fraction}, meta_test_fraction={meta_test_fraction} leave no {split} "
-                f"documents in corpus {corpus.name!r} ({len(codes)} documents)"
-            )
+            message = _no_documents_message(corpus, split, len(codes), val_fraction, meta_test_fraction)
+            raise ValueError(message)
     width = seq_len + 1
     padded = {
         split: {
