@@ -256,10 +256,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         result["wall_time_s"] = time.time() - start
         _finish_wandb()
-        if record and _is_rank_zero():
-            output_dir.mkdir(parents=True, exist_ok=True)
-            (output_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
-        lock.release()
+        try:
+            if record and _is_rank_zero():
+                from picomaml.lit.checkpoint_io import write_atomic
+
+                text = json.dumps(result, indent=2)
+                write_atomic(output_dir / RESULT_FILE, lambda tmp: tmp.write_text(text))
+        except OSError as err:
+            if "error" not in result:
+                raise
+            # the run's own error is on its way out: a failed record (a full disk, say) must not replace it
+            log.error("could not record the failed run in %s: %s", output_dir / RESULT_FILE, err)
+        finally:
+            lock.release()
 
 
 def write_hydra_record(cfg: DictConfig, hydra_cfg: DictConfig, output_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Step checkpoints (picomaml.lit.checkpointing) on a hybrid AR + meta run: layout, the Hugging Face
 export in every step dir, meta-episode learning dynamics, exact resumes from every kind of checkpoint,
-and a save killed half-way.
+saves and dumps killed half-way (``latest`` only ever names a complete step dir, and the rerun completes
+every one), and a full disk.
 
 One 8-step run (:func:`straight`) is shared: checkpoints at 0, 1, 2, 4 (log-spaced) and 3, 6 (every 3)
 and 8 (the end), logging every 2 steps, validating every 4, half of the steps meta steps.
@@ -9,14 +10,18 @@ and 8 (the end), logging every 2 steps, validating every 4, half of the steps me
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from datasets import load_from_disk
 
 from picomaml.config import ConfigError
 from picomaml.meta import meta_forward
@@ -37,6 +42,13 @@ COMMON = [
     "callbacks.model_checkpoint.every_n_train_steps=3",
     "callbacks.learning_dynamics.val_batch_size=4",
 ]
+# a complete step dir: the resume state, the Hugging Face export and the learning dynamics
+STEP_FILES = {"checkpoint.ckpt", "config.json", "model.safetensors", "tokenizer.json", "learning_dynamics"}
+DYNAMICS_FILES = {
+    f"{split}_{kind}.pt"
+    for split in ("train", "val", "meta")
+    for kind in ("activations", "weights", "gradients")
+} | {"train_data"}
 # what must come out the same, step by step, whatever the run was resumed from
 CURVES = (
     "train/loss_ar",
@@ -55,6 +67,13 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
 
 def curve(run_dir: Path, key: str, after: int = -1) -> dict[int, float]:
     return {int(r["step"]): float(r[key]) for r in rows(run_dir) if r.get(key) and int(r["step"]) > after}
+
+
+def assert_complete(step_dir: Path) -> None:
+    assert {p.name for p in step_dir.iterdir()} >= STEP_FILES, step_dir
+    assert {p.name for p in (step_dir / "learning_dynamics").iterdir()} == DYNAMICS_FILES, step_dir
+    hidden = [str(p) for p in step_dir.rglob(".*")]
+    assert not hidden, f"temporary files left: {hidden}"
 
 
 @pytest.fixture(scope="module")
@@ -166,44 +185,66 @@ def test_resume_from_a_step_checkpoint_continues_the_same_curves(
         assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, key
 
 
+# `python -m picomaml.train` killed (os._exit, no cleanup) half-way through a write of step 4: the
+# Lightning checkpoint ("checkpoint") or the learning-dynamics dump (its training rows, "dynamics")
 KILL_AT_STEP_4 = """
-import io, os, sys, runpy, torch
-import lightning.fabric.plugins.io.torch_io as torch_io
+import io, os, sys, runpy, torch, datasets
 
-real_save = torch_io._atomic_save
-
-def save_then_die(checkpoint, path):
-    if checkpoint["global_step"] != 4:
-        return real_save(checkpoint, path)
-    data = io.BytesIO()
-    torch.save(checkpoint, data)
+def write_half_and_die(path, data):
     with open(path, "wb") as file:  # half the bytes reach the disk, then the process is killed
-        file.write(data.getvalue()[: len(data.getvalue()) // 2])
+        file.write(data[: len(data) // 2])
     os._exit(9)
 
-torch_io._atomic_save = save_then_die
-sys.argv = ["picomaml.train", *sys.argv[1:]]
+if sys.argv[1] == "checkpoint":
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and "state_dict" in obj and obj.get("global_step") == 4:
+            data = io.BytesIO()
+            real_save(obj, data)
+            write_half_and_die(f, data.getvalue())
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+else:
+    real_save_to_disk = datasets.Dataset.save_to_disk
+
+    def save_to_disk(self, path, *args, **kwargs):
+        if "step_4" in str(path):
+            os.makedirs(path, exist_ok=True)
+            write_half_and_die(os.path.join(path, "data-00000-of-00001.arrow"), b"rows" * 1000)
+        return real_save_to_disk(self, path, *args, **kwargs)
+
+    datasets.Dataset.save_to_disk = save_to_disk
+sys.argv = ["picomaml.train", *sys.argv[2:]]
 runpy.run_module("picomaml.train", run_name="__main__")
 """
 
 
 @pytest.mark.slow
-def test_a_save_killed_half_way_leaves_the_previous_checkpoint(
-    straight: Path, tmp_path: Path, cache_dir: Path
+@pytest.mark.parametrize("write", ["checkpoint", "dynamics"])
+def test_a_kill_half_way_through_a_step_leaves_the_previous_one_published(
+    straight: Path, tmp_path: Path, cache_dir: Path, write: str
 ) -> None:
     run_dir = tmp_path / "killed"
     overrides = [*COMMON, f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_AT_STEP_4, *overrides], cwd=REPO, env=env, capture_output=True, text=True
+        [sys.executable, "-c", KILL_AT_STEP_4, write, *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert killed.returncode == 9, killed.stderr[-3000:]
     ckpt_dir = run_dir / "checkpoints"
-    assert not (ckpt_dir / "step_4" / "checkpoint.ckpt").exists()
+    # what is published is complete: step 3, latest and last.ckpt alike
     assert os.readlink(ckpt_dir / "latest") == "step_3"
-    assert load_run(run_dir).step == 3  # last.ckpt is step 3's
-    assert load_run(ckpt_dir / "step_3").step == 3
-    # the same command resumes from step 3 and ends as if never killed
+    assert not (ckpt_dir / "step_4" / "checkpoint.ckpt").exists()
+    assert os.path.samefile(ckpt_dir / "last.ckpt", ckpt_dir / "step_3" / "checkpoint.ckpt")
+    assert_complete(ckpt_dir / "step_3")
+    assert load_run(run_dir).step == 3
+    # the same command resumes from step 3 and ends as if never killed, every step dir complete
     rerun = subprocess.run(
         [sys.executable, "-m", "picomaml.train", *overrides],
         cwd=REPO,
@@ -213,11 +254,89 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint(
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming from {ckpt_dir}/last.ckpt" in rerun.stdout + rerun.stderr
-    assert not [p.name for p in (ckpt_dir / "step_4").iterdir() if p.name.startswith(".")]
+    for step in SCHEDULE:
+        assert_complete(ckpt_dir / f"step_{step}")
+    assert os.readlink(ckpt_dir / "latest") == "step_8"
     for key in CURVES:
         a, b = curve(straight, key), curve(run_dir, key)
         assert sorted(a) == sorted(b), key
         assert max(abs(a[s] - b[s]) for s in a) <= 1e-6, key
+
+
+def test_a_resume_completes_the_step_dir_it_resumes_from(
+    straight: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    """A run dir as a kill can leave it: step 4's checkpoint saved and linked as last.ckpt, but neither its
+    learning dynamics nor its Hugging Face weights written, and ``latest`` still at step 3. The rerun
+    resumes from step 4, writes what is missing (the files of the uninterrupted run) and publishes it."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "unfinished"
+    shutil.copytree(straight, run_dir, symlinks=True)
+    ckpt_dir = run_dir / "checkpoints"
+    for step in (6, 8):
+        shutil.rmtree(ckpt_dir / f"step_{step}")
+    shutil.rmtree(ckpt_dir / "step_4" / "learning_dynamics")
+    (ckpt_dir / "step_4" / "model.safetensors").unlink()
+    (ckpt_dir / "last.ckpt").unlink()
+    os.link(ckpt_dir / "step_4" / "checkpoint.ckpt", ckpt_dir / "last.ckpt")
+    (ckpt_dir / "latest").unlink()
+    os.symlink("step_3", ckpt_dir / "latest")
+
+    result = train(compose_train(COMMON, run_dir, cache_dir))
+    assert result["status"] == "completed" and result["global_step"] == 8
+    for step in SCHEDULE:
+        assert_complete(ckpt_dir / f"step_{step}")
+    assert os.readlink(ckpt_dir / "latest") == "step_8"
+    done, want = ckpt_dir / "step_4", straight / "checkpoints" / "step_4"
+    for name in sorted(DYNAMICS_FILES - {"train_data"}):
+        a, b = torch.load(done / "learning_dynamics" / name), torch.load(want / "learning_dynamics" / name)
+        assert list(a) == list(b), name
+        for layer in a:
+            torch.testing.assert_close(a[layer], b[layer], rtol=1e-5, atol=1e-6, msg=f"{name} {layer}")
+    rows = load_from_disk(str(done / "learning_dynamics" / "train_data"))
+    assert rows[:] == load_from_disk(str(want / "learning_dynamics" / "train_data"))[:]
+    a, b = load_file(done / "model.safetensors"), load_file(want / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in CURVES:
+        assert curve(run_dir, key) == pytest.approx(curve(straight, key), abs=1e-6), key
+
+
+def test_a_full_disk_fails_the_run_with_the_path_and_the_space_left(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk fills up while step 2's checkpoint is written, and result.json cannot be written either.
+    The run fails with the checkpoint's error, which names the file and the space left; the failed
+    result.json is logged, not raised in its place; no partial file is left and step 1 stays published."""
+    real_save, real_write_text = torch.save, Path.write_text
+
+    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        if isinstance(obj, dict) and "state_dict" in obj and obj.get("global_step") == 2:
+            Path(f).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, f, *args, **kwargs)
+
+    def write_text(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        if "result.json" in self.name:
+            self.write_bytes(data[:10].encode())
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    with caplog.at_level("ERROR"), pytest.raises(OSError) as raised:
+        train(compose_train([*FAST, "trainer.max_steps=2"], tmp_path, cache_dir))
+    ckpt_dir = tmp_path / "checkpoints"
+    message = re.fullmatch(r"No space left writing (\S+) \((\d+\.\d) MB free on (/\S*)\)", str(raised.value))
+    assert message is not None, str(raised.value)
+    assert message.group(1) == str(ckpt_dir / "step_2" / "checkpoint.ckpt")
+    assert raised.value.errno == errno.ENOSPC
+    logged = [r.getMessage() for r in caplog.records if "result.json" in r.getMessage()]
+    assert logged and "No space left writing" in logged[0], [r.getMessage() for r in caplog.records]
+    assert not (tmp_path / "result.json").exists()
+    assert [p.name for p in tmp_path.rglob(".*")] == [".lock"]
+    assert os.readlink(ckpt_dir / "latest") == "step_1"
+    assert os.path.samefile(ckpt_dir / "last.ckpt", ckpt_dir / "step_1" / "checkpoint.ckpt")
 
 
 def test_push_to_hub_offline_warns_once_and_trains_on(

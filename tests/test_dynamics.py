@@ -1,4 +1,4 @@
-"""Learning-dynamics dumps: pico-train's layout, exact contents, and no effect on training.
+"""Learning-dynamics dumps: pico-train's layout, exact contents, no effect on training, and a full disk.
 
 The tiny real runs read here (``sweep_dir``, built by ``tests.helpers.tiny_sweep`` once per session) are
 two identical 4-step runs on a small word corpus, run 0 with the callback, run 1 without, side by side.
@@ -7,16 +7,21 @@ two identical 4-step runs on a small word corpus, run 0 with the callback, run 1
 from __future__ import annotations
 
 import csv
+import errno
+import json
+import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from datasets import load_from_disk
+from datasets import Dataset, load_from_disk
 
 from picomaml.lit.checkpointing import checkpoint_steps
 from picomaml.lit.dynamics import match_modules
 from picomaml.model import ModelConfig, PicoDecoder
-from tests.helpers import VAL_ROWS
+from picomaml.train import train
+from tests.helpers import FAST, VAL_ROWS, compose_train
 
 DYNAMICS_STEPS = [0, 1, 2, 4]  # log-spaced 0, 1 (until 1), then every 2, for max_steps=4
 
@@ -127,3 +132,57 @@ def test_the_callback_does_not_change_training(sweep_dir: Path) -> None:
     final = [torch.load(sweep_dir / job / "checkpoints" / "last.ckpt", weights_only=False) for job in "01"]
     for name, value in final[0]["state_dict"].items():
         assert torch.equal(value, final[1]["state_dict"][name]), name
+
+
+def _files(step_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every file and directory under ``step_dir`` with its inode and modification time: what changes when
+    anything is written, replaced or added."""
+    return {
+        str(p.relative_to(step_dir)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in step_dir.rglob("*")
+    }
+
+
+@pytest.mark.parametrize("full_at", ["train_data", "val_gradients.pt"])
+def test_a_full_disk_during_a_dump_keeps_the_previous_one(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch, full_at: str
+) -> None:
+    """Step 2 is dumped again (the run resumed from step 1 in its own dir) and the disk fills up while its
+    training rows, or its last file, are written: the run fails with one error naming the file and the
+    space left, the step's previous dynamics and every other file of its directory stay as they were,
+    no partial file is left behind, and the published checkpoint is still step 2's."""
+    overrides = [*FAST, "trainer.max_steps=2", "callbacks.learning_dynamics.val_batch_size=4"]
+    assert train(compose_train(overrides, tmp_path, cache_dir))["status"] == "completed"
+    ckpt_dir = tmp_path / "checkpoints"
+    step_2 = ckpt_dir / "step_2"
+    before = _files(step_2)
+    assert "learning_dynamics/train_data" in before and "learning_dynamics/val_gradients.pt" in before
+
+    def disk_full(path: object) -> None:
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_save, real_save_to_disk = torch.save, Dataset.save_to_disk
+
+    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        if full_at in str(f):
+            disk_full(f)
+        real_save(obj, f, *args, **kwargs)
+
+    def save_to_disk(self: Dataset, path: str, *args: object, **kwargs: object) -> None:
+        if full_at in str(path) and "step_2" in str(path):
+            os.makedirs(path, exist_ok=True)
+            disk_full(os.path.join(path, "data-00000-of-00001.arrow"))
+        real_save_to_disk(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(Dataset, "save_to_disk", save_to_disk)
+    with pytest.raises(OSError) as raised:
+        train(compose_train([*overrides, f"ckpt_path={ckpt_dir / 'step_1'}"], tmp_path, cache_dir))
+    assert _files(step_2) == before
+    message = str(raised.value)
+    written = re.fullmatch(r"No space left writing (\S+) \(\d+\.\d MB free on /\S*\)", message)
+    assert written is not None, message
+    assert written.group(1).startswith(str(step_2)) and written.group(1).endswith(full_at), message
+    assert json.loads((tmp_path / "result.json").read_text())["error"] == f"OSError: {message}"
+    assert os.readlink(ckpt_dir / "latest") == "step_2"
+    assert os.path.samefile(ckpt_dir / "last.ckpt", step_2 / "checkpoint.ckpt")

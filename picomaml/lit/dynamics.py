@@ -29,6 +29,15 @@ rank 0's batch, on the unwrapped model (DDP is fine; FSDP shards the weights and
 
 Schedule (:func:`~picomaml.lit.checkpointing.checkpoint_steps`, the checkpoints' own): Pythia's
 log-spaced 0, 1, 2, 4, ..., 512, then every ``every_n_steps``, and the final step.
+
+A step's files appear all at once: they are written into ``step_<N>/.learning_dynamics.tmp-<pid>/`` and
+that directory is renamed to ``learning_dynamics/``, so a kill or a full disk leaves either the previous
+``learning_dynamics/`` (the one a redone step had) or the complete new one, and no partial file (a full
+disk raises one error naming the file and the space left: ``checkpoint_io.explain_disk_full``).
+The callback tells :class:`~picomaml.lit.checkpointing.StepCheckpoints` when it is done with a step
+(``step_files_done``), which publishes the step directory only then. The last training batch is part of
+the checkpoint (``state_dict``), so a run resumed at step N whose ``learning_dynamics/`` a kill left
+unwritten redoes them from the same weights and rows.
 """
 
 from __future__ import annotations
@@ -45,11 +54,21 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from picomaml.lit.checkpoint_io import explain_disk_full, fsync_dir, write_atomic
 from picomaml.lit.checkpointing import checkpoint_steps
+from picomaml.runs import step_dir_name
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LAYER_SUFFIXES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
+DYNAMICS_DIR = "learning_dynamics"
+# what every dump holds (val_* and meta_* depend on the run), so what a complete directory has
+TRAIN_FILES = ("train_activations.pt", "train_weights.pt", "train_gradients.pt", "train_data")
+
+
+def dynamics_complete(step_dir: Path) -> bool:
+    """Whether ``step_dir`` holds a complete ``learning_dynamics/``."""
+    return all((step_dir / DYNAMICS_DIR / name).exists() for name in TRAIN_FILES)
 
 
 def match_modules(model: nn.Module, layer_suffixes: Sequence[str]) -> dict[str, nn.Module]:
@@ -206,9 +225,27 @@ class LearningDynamics(pl.Callback):
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
 
+    def state_dict(self) -> dict[str, Any]:
+        # the rows a dump needs when the run resumes here (the last micro-batch that had tokens)
+        return {"last_tokens": None if self._last_tokens is None else self._last_tokens.cpu()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_tokens = state_dict.get("last_tokens")
+
+    def step_files_done(self, step: int) -> bool:
+        """Whether this callback is done with ``step_<step>/`` (``StepCheckpoints`` publishes it then)."""
+        return step not in self._schedule or self._last_dumped >= step
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # a resumed run already wrote the dumps up to its checkpoint step
-        self._last_dumped = trainer.global_step if trainer.global_step > 0 else -1
+        step = trainer.global_step
+        self._last_dumped = -1
+        if step == 0:
+            return  # step 0's dump is taken on the first batch
+        assert self.dirpath is not None
+        if step in self._schedule and not dynamics_complete(self.dirpath / step_dir_name(step)):
+            # the run that saved this checkpoint ended before the step's dump was complete
+            self._dump(step, trainer, pl_module)
+        self._last_dumped = step
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -227,27 +264,46 @@ class LearningDynamics(pl.Callback):
             self._dump(step, trainer, pl_module)
 
     def _dump(self, step: int, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            if self._last_tokens is None:
+                # e.g. resumed from a checkpoint written before the batch was kept in it
+                log.warning("LearningDynamics: no training batch with tokens; step %d gets no dynamics", step)
+            else:
+                self._write(step, trainer, pl_module)
         self._last_dumped = step
-        if not trainer.is_global_zero or self._last_tokens is None:
-            return
-        model = pl_module.model
-        out_dir = self.dirpath / f"step_{step}" / "learning_dynamics"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # one context per forward pass: a context manager may be single-use
-        forward = trainer.strategy.precision_plugin.forward_context
-        train = extract_states(model, self._modules, self._last_tokens, self.sequence_idx, forward())
-        _save_states(train, out_dir, "train")
-        _save_rows(self._last_tokens, getattr(trainer.datamodule, "tokenizer", None), out_dir / "train_data")
-        val_tokens = self._validation_tokens(trainer)
-        if val_tokens is not None:
-            val = extract_states(model, self._modules, val_tokens, self.sequence_idx, forward())
-            _save_states(val, out_dir, "val")
-        meta_batch = self._meta_batch(trainer, pl_module)
-        if meta_batch is not None:
-            meta = extract_meta_states(
-                model, pl_module.meta_head, pl_module.meta_config, self._modules, meta_batch, forward()
-            )
-            _save_states(meta, out_dir, "meta")
+
+    def _write(self, step: int, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The step's files, staged beside ``learning_dynamics/`` and renamed into place when complete."""
+        assert self.dirpath is not None and self._last_tokens is not None
+        step_dir = self.dirpath / step_dir_name(step)
+        out_dir = step_dir / DYNAMICS_DIR
+        staging = step_dir / f".{DYNAMICS_DIR}.tmp-{os.getpid()}"
+        with explain_disk_full(staging):
+            step_dir.mkdir(parents=True, exist_ok=True)
+            _clean_up_after_kills(out_dir)
+            staging.mkdir()
+        try:
+            model = pl_module.model
+            # one context per forward pass: a context manager may be single-use
+            forward = trainer.strategy.precision_plugin.forward_context
+            train = extract_states(model, self._modules, self._last_tokens, self.sequence_idx, forward())
+            _save_states(train, staging, "train")
+            tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+            _save_rows(self._last_tokens, tokenizer, staging / "train_data")
+            val_tokens = self._validation_tokens(trainer)
+            if val_tokens is not None:
+                val = extract_states(model, self._modules, val_tokens, self.sequence_idx, forward())
+                _save_states(val, staging, "val")
+            meta_batch = self._meta_batch(trainer, pl_module)
+            if meta_batch is not None:
+                meta = extract_meta_states(
+                    model, pl_module.meta_head, pl_module.meta_config, self._modules, meta_batch, forward()
+                )
+                _save_states(meta, staging, "meta")
+            fsync_dir(staging)
+            _replace_dir(staging, out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _meta_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
         episodes = getattr(trainer.datamodule, "meta_test_episodes", None)
@@ -277,13 +333,7 @@ class LearningDynamics(pl.Callback):
 def _save_states(states: dict[str, dict[str, torch.Tensor]], out_dir: Path, prefix: str) -> None:
     """``<prefix>_activations.pt``, ``<prefix>_weights.pt`` and ``<prefix>_gradients.pt``."""
     for kind, tensors in states.items():
-        _save_atomic(tensors, out_dir / f"{prefix}_{kind}.pt")
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+        write_atomic(out_dir / f"{prefix}_{kind}.pt", lambda tmp, tensors=tensors: torch.save(tensors, tmp))
 
 
 def _save_rows(tokens: torch.Tensor, tokenizer: Any, path: Path) -> None:
@@ -294,15 +344,34 @@ def _save_rows(tokens: torch.Tensor, tokenizer: Any, path: Path) -> None:
     columns: dict[str, list] = {"input_ids": rows}
     if tokenizer is not None:
         columns["text"] = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     # a progress bar per dump would flood the training log
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        datasets.Dataset.from_dict(columns).save_to_disk(str(tmp))
+        with explain_disk_full(path):
+            datasets.Dataset.from_dict(columns).save_to_disk(str(path))
     finally:
         if bars:
             datasets.enable_progress_bars()
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """``dest`` becomes the directory ``new``. A directory cannot be renamed over a non-empty one, so an
+    existing ``dest`` is renamed aside first and removed after: a kill in between leaves it complete
+    under ``.<name>.old-<pid>``, which :func:`_clean_up_after_kills` puts back."""
+    aside = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, aside)
+    os.replace(new, dest)
+    fsync_dir(dest.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _clean_up_after_kills(dest: Path) -> None:
+    """Remove the staging directories of killed dumps next to ``dest``; a previous ``dest`` that a kill
+    left renamed aside (:func:`_replace_dir`) goes back in place."""
+    for stale in sorted(dest.parent.glob(f".{dest.name}.*")):
+        if ".old-" in stale.name and not dest.exists():
+            os.replace(stale, dest)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)

@@ -19,7 +19,9 @@ Who handles which signal in a submitit job, and why Lightning's defaults are wro
 from Lightning: either signal makes it write ``last.ckpt`` at the next step boundary that ends a logging
 window; training goes on after ``SIGTERM``, and after ``SIGUSR2`` submitit's own handler then requeues.
 A requeued job (by submitit or by SLURM) runs the same pickled call into the same output dir, where
-``picomaml.train`` resumes from ``last.ckpt``.
+``picomaml.train`` resumes from ``last.ckpt``. A save at a step that also validates waits for the
+validation, as the step checkpoints do (:mod:`picomaml.lit.checkpointing`): Lightning counts a validation
+after a checkpoint's batch as done, so the resumed job would never log it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from picomaml.lit.checkpointing import validation_follows
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,7 @@ class PreemptionCheckpoint(pl.Callback):
         self._previous: dict[signal.Signals, _Handler] = {}
         self._save_pending = False
         self._requeue_pending: signal.Signals | None = None
+        self._after_validation: int | None = None  # a step whose save waits for its validation
         self._installed = False
         self._last_seen_step = 0
 
@@ -123,9 +128,20 @@ class PreemptionCheckpoint(pl.Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(self._save_pending, all=False):
             return
+        if validation_follows(trainer):
+            self._after_validation = step
+            return
+        self._save(trainer, step)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and self._after_validation == trainer.global_step:
+            self._save(trainer, trainer.global_step)
+
+    def _save(self, trainer: pl.Trainer, step: int) -> None:
         trainer.save_checkpoint(self.last_ckpt, weights_only=False)
         log.warning("saved %s at step %d after a signal", self.last_ckpt, step)
         self._save_pending = False
+        self._after_validation = None
         if self._requeue_pending is not None:
             signum, self._requeue_pending = self._requeue_pending, None
             previous = self._previous.get(signum)
