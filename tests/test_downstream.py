@@ -311,3 +311,14 @@ def test_bench_downstream_smoke(tmp_path: Path) -> None:
     assert r["head_only_s"] == pytest.approx(r["encode_s"] + r["head_s"])
     assert 0 < r["encode_s"] + r["head_s"] + r["tfidf_s"] + r["finetune_s"] <= r["wall_s"]
     assert "downstream/bbc_news/k2/finetune/step1/acc" in r["metrics"]
+
+
+def test_tokenizing_episodes_leaves_the_shared_tokenizer_untruncated() -> None:
+    # the tokenizer is cached process-wide; a truncation left on its Rust backend would cut every
+    # document packed later in the same process (e.g. after a periodic evaluation)
+    tokenizer = load_tokenizer("gpt2")
+    text = "hello world " * 50
+    full = len(tokenizer.backend_tokenizer.encode(text).ids)
+    assert [len(ids) for ids in tokenize(tokenizer, [text], 8)] == [8]
+    assert tokenizer.backend_tokenizer.truncation is None
+    assert len(tokenizer.backend_tokenizer.encode(text).ids) == full > 8

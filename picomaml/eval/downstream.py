@@ -314,9 +314,14 @@ def episode(task: Task, k: int, index: int, seed: int = 0) -> Episode:
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], window_len: int) -> list[list[int]]:
-    """The first ``window_len`` token ids of each text, no special tokens."""
-    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=window_len)
-    return [list(ids) for ids in encoded["input_ids"]]
+    """The first ``window_len`` token ids of each text, no special tokens.
+
+    Cut here rather than with ``truncation=True``: that setting stays on the fast tokenizer's shared Rust
+    backend after the call, and the tokenizer is shared (``load_tokenizer`` caches it), so every later
+    ``encode_batch`` in the process (packing a corpus after a periodic evaluation) would be truncated too.
+    """
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [list(ids[:window_len]) for ids in encoded]
 
 
 def _features(
