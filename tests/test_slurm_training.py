@@ -136,7 +136,7 @@ def test_grid_sweep_is_one_job_array(tmp_path: Path, cache_dir: Path) -> None:
         assert _result(sweep_dir / str(i))["status"] == "completed"
         assert _result(sweep_dir / str(i))["global_step"] == 4
 
-    report = _run([sys.executable, "-m", "picomaml.report", str(sweep_dir)], cache_dir, timeout=120)
+    report = _run([sys.executable, "-m", "picomaml.report", f"sweep_dir={sweep_dir}"], cache_dir, timeout=120)
     assert report.returncode == 0, report.stderr[-2000:]
     with open(sweep_dir / "report.csv") as file:
         rows = list(csv.DictReader(file))
