@@ -246,8 +246,10 @@ def _overheads(study: optuna.Study, sweep_dir: Path) -> list[tuple[int, float, f
 # 2 fails in training (hybrid_ratio must be in [0, 1]); 5 and 6 have an lr 300x the good one, and
 # their val/loss at the first validation (step 2) is ~3x worse: the median pruner (n_startup_trials=2)
 # stops them there, when 3+ good trials have completed (a trial starts only after all but one of the
-# trials before it ended); 7 trains hybrid AR + meta, a little better than the rest, and comes last
-# so that no good trial is judged against it.
+# trials before it ended); 7 ties with the good ones again (a hybrid trial's val/loss after 2 steps,
+# one of which may be a meta step, sits on either side of the median depending on the data and the
+# coin, which made its state a matter of luck; tests/test_slurm_training.py's grid trains hybrid runs
+# on SLURM).
 GOOD = {"optim.lr": 3e-3, "meta.hybrid_ratio": 0.0, "meta.inner_steps": 2}
 ENQUEUE = [
     {**GOOD, "meta.inner_lr": 0.1},
@@ -257,7 +259,7 @@ ENQUEUE = [
     {**GOOD, "meta.inner_lr": 0.5},
     {**GOOD, "meta.inner_lr": 0.1, "optim.lr": 1.0},
     {**GOOD, "meta.inner_lr": 0.2, "optim.lr": 1.0},
-    {**GOOD, "meta.inner_lr": 0.1, "meta.hybrid_ratio": 0.5},
+    {**GOOD, "meta.inner_lr": 0.6},
 ]
 SLOW_STEP_S = 15.0
 
