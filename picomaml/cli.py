@@ -85,6 +85,13 @@ def main_guard(fn: typing.Callable[[list[str]], Any], argv: list[str] | None = N
         raise usage_error(f"error: {err}") from err
 
 
+def pick_device(name: str) -> Any:
+    """The ``device=`` argument of the tools as a ``torch.device``: ``auto`` is CUDA when available."""
+    import torch
+
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
 def usage_error(message: str) -> SystemExit:
     """A SystemExit that ends the process with ``message`` on stderr and exit code 2 (bad input, as
     argparse), while ``str()`` of it stays the message for callers that catch it."""

@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from picomaml.cli import main_guard, parse_cli_args, usage_error
+from picomaml.cli import main_guard, parse_cli_args, pick_device, usage_error
 from picomaml.eval.downstream import DownstreamConfig
 from picomaml.eval.suite import SuiteOptions, SuiteRunner
 from picomaml.runs import load_run
@@ -100,9 +98,7 @@ def evaluate_run(args: EvalArgs) -> dict[str, Any]:
         raise ValueError(f"control={args.control!r}: choose from {', '.join(CONTROLS)}")
     options = suite_options(args)
     run = load_run(args.ckpt_path, args.step)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = pick_device(args.device)
     datamodule = run.datamodule(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
     runner = SuiteRunner(datamodule, options, device)
     results = runner.score(run)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from picomaml.cli import main_guard, parse_cli_args, usage_error
+from picomaml.cli import main_guard, parse_cli_args, pick_device, usage_error
 from picomaml.model.generation import check_context, generate
 from picomaml.runs import load_run
 
@@ -46,9 +46,7 @@ def _main(argv: list[str]) -> str:
     from picomaml.data import load_tokenizer
 
     run = load_run(args.ckpt_path, args.step)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = pick_device(args.device)
     tokenizer = load_tokenizer(run.tokenizer_name)
     prompt_ids = torch.tensor([tokenizer.encode(args.prompt)], device=device)
     try:
