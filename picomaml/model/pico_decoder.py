@@ -23,6 +23,10 @@ What differs from pico-train, on purpose (each a defect of pico-train's implemen
 * the KV-cache decode path works for any chunk length including 1, at any start position;
 * :meth:`PicoDecoder.lm_loss` never materialises the full fp32 [N, V] logits (see
   :class:`_ChunkedLinearCrossEntropy`).
+
+``model.attention=linear`` swaps every block's softmax attention for :class:`LinearAttention` (kernelised,
+causal, O(T) in the sequence length; same projections and parameter names). Softmax stays the default,
+so every preset and every pico-train state_dict is unchanged.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ATTENTION_KINDS = ("softmax", "linear")
 
 
 @dataclass(kw_only=True)
@@ -51,8 +57,14 @@ class ModelConfig:
     max_seq_len: int = 2048
     norm_eps: float = 1e-6
     position_emb_theta: float = 10000.0
+    # "softmax" (pico's, exportable to Llama) or "linear" (:class:`LinearAttention`, not exportable)
+    attention: str = "softmax"
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(
+                f"model.attention={self.attention!r}: allowed values: {', '.join(ATTENTION_KINDS)}"
+            )
         for key in (
             "d_model",
             "n_layers",
@@ -143,12 +155,18 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys (after RoPE) and values of every layer, for incremental decoding.
+    """What every layer needs from earlier positions for incremental decoding, for either attention kind.
 
-    Buffers are allocated on first use with the dtype and device of the first keys written, as
-    [B, K, max_len, E] per layer. Call ``model(chunk, kv_cache=cache, start_pos=p)`` with consecutive
-    chunks (a prompt, then one token at a time, or any chunk lengths); ``start_pos`` is the number of
-    tokens already in the cache.
+    * softmax attention: keys (after RoPE) and values, allocated on first use with the dtype and device
+      of the first keys written, as [B, K, max_len, E] per layer;
+    * linear attention: the recurrent state ``S = sum_s rot(phi(k_s)) v_s^T`` [B, K, E, E] and the
+      normaliser ``z = sum_s phi(k_s)`` [B, K, E] per layer, in fp32 (see :class:`LinearAttention`), and
+      how many positions they summarise. Memory is O(1) in the context length.
+
+    Call ``model(chunk, kv_cache=cache, start_pos=p)`` with consecutive chunks (a prompt, then one token
+    at a time, or any chunk lengths); ``start_pos`` is the number of tokens already in the cache. A
+    softmax cache may be rewound (written again from an earlier ``start_pos``); a linear state cannot
+    forget tokens, so it only continues where it stopped or restarts at ``start_pos=0``.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None) -> None:
@@ -157,6 +175,13 @@ class KVCache:
         self.max_len = config.max_seq_len if max_len is None else max_len
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.states: list[torch.Tensor | None] = [None] * config.n_layers  # linear: S [B, K, E, E]
+        self.normalisers: list[torch.Tensor | None] = [None] * config.n_layers  # linear: z [B, K, E]
+        self.seen: list[int] = [0] * config.n_layers  # linear: positions summarised by S and z
+
+    def _check_end(self, end: int) -> None:
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int
@@ -168,15 +193,41 @@ class KVCache:
                 self.keys.append(torch.zeros(shape, dtype=k.dtype, device=k.device))
                 self.values.append(torch.zeros(shape, dtype=v.dtype, device=v.device))
         end = start_pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self._check_end(end)
         self.keys[layer][:, :, start_pos:end] = k
         self.values[layer][:, :, start_pos:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def read_state(
+        self, layer: int, start_pos: int, n_tokens: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Linear attention: the state (S [B, K, E, E], z [B, K, E], fp32) before position ``start_pos``.
 
-class Attention(nn.Module):
-    """Causal multi-head attention with grouped-query KV heads and interleaved RoPE; no biases."""
+        Zeros at ``start_pos=0``; otherwise ``start_pos`` must be the number of positions already summarised.
+        """
+        self._check_end(start_pos + n_tokens)
+        if start_pos == 0 or self.states[layer] is None:
+            if start_pos != 0:
+                raise ValueError(
+                    f"linear-attention cache is empty; decoding must start at 0, not {start_pos}"
+                )
+            B, K, E = self.batch_size, self.config.attention_n_kv_heads, self.config.head_dim
+            zeros = torch.zeros(B, K, E, E, dtype=torch.float32, device=device)
+            return zeros, zeros.new_zeros(B, K, E)
+        if start_pos != self.seen[layer]:
+            raise ValueError(
+                f"linear-attention cache summarises {self.seen[layer]} positions and cannot rewind; "
+                f"continue at start_pos={self.seen[layer]} or restart at 0, not {start_pos}"
+            )
+        return self.states[layer], self.normalisers[layer]
+
+    def write_state(self, layer: int, state: torch.Tensor, normaliser: torch.Tensor, end: int) -> None:
+        """Linear attention: store the state after position ``end - 1``."""
+        self.states[layer], self.normalisers[layer], self.seen[layer] = state, normaliser, end
+
+
+class _AttentionBase(nn.Module):
+    """The projections both attention kinds share (no biases), under pico-train's module names."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -190,6 +241,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, T, H, E], k and v [B, T, K, E], before RoPE."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
+    def attention_weights(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """Causal attention map [B, H, T, T] (fp32) of the normed input ``x`` [B, T, D] at positions 0..T-1:
+        row t says how much query t takes from each value s <= t (0 above the diagonal). The layer's
+        output is ``o_proj`` of these weights applied to the values of the query head's kv head."""
+        raise NotImplementedError  # each attention kind defines its own map
+
+
+class Attention(_AttentionBase):
+    """Causal multi-head softmax attention with grouped-query KV heads and interleaved RoPE; no biases."""
+
     def forward(
         self,
         x: torch.Tensor,
@@ -198,9 +267,7 @@ class Attention(nn.Module):
         start_pos: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, E]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, E]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self._project(x)  # [B, T, H, E], [B, T, K, E], [B, T, K, E]
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, E]
 
@@ -216,6 +283,177 @@ class Attention(nn.Module):
         # Query head h reads kv head h // (H / K), as pico's repeat_interleave and HF's repeat_kv.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attention_weights(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities ``softmax(q_t . k_s / sqrt(E))`` over s <= t, [B, H, T, T] fp32."""
+        T = x.shape[1]
+        q, k, _ = self._project(x)
+        q = apply_rope(q, rope).float().transpose(1, 2)  # [B, H, T, E]
+        k = apply_rope(k, rope).float().transpose(1, 2).repeat_interleave(self.n_heads // self.n_kv_heads, 1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)  # [B, H, T, T]
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+        return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
+def feature_map(x: torch.Tensor) -> torch.Tensor:
+    """phi(x) = elu(x) + 1, the positive kernel feature map of Katharopoulos et al. 2020 ("Transformers
+    are RNNs", section 3.2.1): phi(q) . phi(k) > 0 stands in for exp(q . k), so the normaliser is a sum of
+    positive terms, at O(E) cost per element (no random features)."""
+    return F.elu(x) + 1.0
+
+
+# Added to the normaliser, as the reference implementation (fast-transformers' LinearAttention, eps=1e-6)
+# does: phi(x) = exp(x) for x < 0 underflows to 0 in fp32 for very negative x.
+_LINEAR_EPS = 1e-6
+# Chunk length of the chunkwise-parallel causal form: quadratic inside a chunk, a running state across.
+_LINEAR_CHUNK = 64
+
+
+def linear_attention_chunkwise(
+    qf: torch.Tensor,
+    qr: torch.Tensor,
+    kf: torch.Tensor,
+    kr: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    normaliser: torch.Tensor,
+    chunk: int = _LINEAR_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal linear attention of a whole sequence, chunkwise-parallel (the form used for training).
+
+    Inputs in fp32, one kv head's G = H / K query heads grouped beside it: ``qf = phi(q)``, ``qr`` = its
+    RoPE rotation [B, K, G, T, E]; ``kf = phi(k)``, ``kr`` = its rotation, ``v`` [B, K, 1, T, E];
+    ``state`` [B, K, 1, E, E] and ``normaliser`` [B, K, 1, E] summarise positions before this sequence.
+    Output t is ``sum_{s<=t} (qr_t . kr_s) v_s / (sum_{s<=t} qf_t . kf_s + eps)`` [B, K, G, T, E], then the
+    state and normaliser after the last position.
+
+    The sequence is cut into chunks of ``chunk`` tokens: inside a chunk the masked [C, C] products are
+    computed directly; across chunks a prefix sum of per-chunk states ``kr^T v`` [E, E] carries the past.
+    Memory is O(T * C + (T / C) * E^2) per head instead of the [T, E, E] prefix sums of a token-level
+    cumsum, and the work is matmuls (no Python loop over tokens). Sun et al. 2023 (RetNet, "chunkwise
+    recurrent representation") and Yang et al. 2024 (Gated Linear Attention) use the same split.
+    """
+    T = qf.shape[-2]
+    pad = -T % chunk
+    if pad:
+        # zeros after the feature map: padded keys add nothing to any sum, padded queries are dropped
+        qf, qr, kf, kr, v = (F.pad(t, (0, 0, 0, pad)) for t in (qf, qr, kf, kr, v))
+    n = (T + pad) // chunk
+    qf, qr, kf, kr, v = (t.unflatten(-2, (n, chunk)) for t in (qf, qr, kf, kr, v))  # [B, K, *, n, C, E]
+
+    chunk_states = kr.transpose(-1, -2) @ v  # [B, K, 1, n, E, E]
+    chunk_norms = kf.sum(-2)  # [B, K, 1, n, E]
+    # state before chunk i = carried state + chunks 0..i-1 (an exclusive prefix sum over chunks)
+    before = torch.cat([state.unsqueeze(-3), chunk_states[..., :-1, :, :]], dim=-3).cumsum(-3)
+    norm_before = torch.cat([normaliser.unsqueeze(-2), chunk_norms[..., :-1, :]], dim=-2).cumsum(-2)
+
+    future = torch.ones(chunk, chunk, dtype=torch.bool, device=qf.device).triu(1)
+    scores = (qr @ kr.transpose(-1, -2)).masked_fill(future, 0.0)  # [B, K, G, n, C, C], rotated
+    weights = (qf @ kf.transpose(-1, -2)).masked_fill(future, 0.0)  # unrotated, for the normaliser
+    numerator = scores @ v + qr @ before  # [B, K, G, n, C, E]
+    denominator = weights.sum(-1) + (qf * norm_before.unsqueeze(-2)).sum(-1)  # [B, K, G, n, C]
+    out = (numerator / (denominator.unsqueeze(-1) + _LINEAR_EPS)).flatten(-3, -2)[..., :T, :]
+    return (
+        out,
+        before[..., -1, :, :] + chunk_states[..., -1, :, :],
+        norm_before[..., -1, :] + chunk_norms[..., -1, :],
+    )
+
+
+def linear_attention_recurrent(
+    qf: torch.Tensor,
+    qr: torch.Tensor,
+    kf: torch.Tensor,
+    kr: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    normaliser: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same function as :func:`linear_attention_chunkwise`, as an RNN: one token at a time,
+    ``S += kr_t v_t^T``, ``z += kf_t``, ``out_t = qr_t S / (qf_t . z + eps)`` (Katharopoulos et al. 2020,
+    section 3.4). O(E^2) per token and head whatever the context length: the decoding form."""
+    outs = []
+    for t in range(qf.shape[-2]):
+        state = state + kr[..., t, :, None] * v[..., t, None, :]  # [B, K, 1, E, E]
+        normaliser = normaliser + kf[..., t, :]  # [B, K, 1, E]
+        numerator = (qr[..., t, None, :] @ state).squeeze(-2)  # [B, K, G, E]
+        denominator = (qf[..., t, :] * normaliser).sum(-1, keepdim=True)  # [B, K, G, 1]
+        outs.append(numerator / (denominator + _LINEAR_EPS))
+    return torch.stack(outs, dim=-2), state, normaliser
+
+
+class LinearAttention(_AttentionBase):
+    """Causal kernelised linear attention (Katharopoulos et al. 2020), with GQA heads and RoPE.
+
+    For query t (head h, reading kv head h // (H / K) as softmax attention does)::
+
+        out_t = sum_{s<=t} (R_t phi(q_t)) . (R_s phi(k_s)) v_s  /  sum_{s<=t} phi(q_t) . phi(k_s)
+
+    with phi = :func:`feature_map` (elu + 1) and R_t the RoPE rotation of position t. RoPE follows
+    RoFormer (Su et al. 2021, section 3.3, eq. 19): the rotation goes into the numerator only, so the
+    relative position enters the weights, while the denominator stays a sum of positive terms (rotated
+    features can have negative dot products, and a rotated normaliser could reach zero). No 1/sqrt(E)
+    scale: the normaliser already makes the weights of a row sum to one in the unrotated case.
+
+    Three forms of the same function: :func:`linear_attention_chunkwise` for training and prompt prefill,
+    :func:`linear_attention_recurrent` for one-token decoding steps from the state kept in
+    :class:`KVCache`, and :meth:`attention_weights` (the explicit [T, T] map, O(T^2), for analysis).
+    Everything after the projections runs in fp32 with autocast off: the state is a sum over the whole
+    context, which bf16 (8 bits of mantissa) would round away.
+    """
+
+    @staticmethod
+    def _features(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """phi(q), rot(phi(q)) [B, T, H, E]; phi(k), rot(phi(k)), v [B, T, K, E]; all fp32."""
+        qf, kf = feature_map(q.float()), feature_map(k.float())
+        return qf, apply_rope(qf, rope), kf, apply_rope(kf, rope), v.float()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        K, G, E = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        q, k, v = self._project(x)  # in the autocast dtype, like every other matmul
+        out_dtype = v.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            qf, qr, kf, kr, v = self._features(q, k, v, rope)
+            # query head h = kv * G + g: group each kv head's G query heads beside it
+            qf, qr = (t.view(B, T, K, G, E).permute(0, 2, 3, 1, 4) for t in (qf, qr))  # [B, K, G, T, E]
+            kf, kr, v = (t.transpose(1, 2).unsqueeze(2) for t in (kf, kr, v))  # [B, K, 1, T, E]
+            if kv_cache is None:
+                state = x.new_zeros(B, K, 1, E, E, dtype=torch.float32)
+                normaliser = x.new_zeros(B, K, 1, E, dtype=torch.float32)
+            else:
+                state, normaliser = kv_cache.read_state(self.layer_idx, start_pos, T, x.device)
+                state, normaliser = state.unsqueeze(2), normaliser.unsqueeze(2)
+            form = (
+                linear_attention_recurrent if kv_cache is not None and T == 1 else linear_attention_chunkwise
+            )
+            out, state, normaliser = form(qf, qr, kf, kr, v, state, normaliser)  # out [B, K, G, T, E]
+            if kv_cache is not None:
+                kv_cache.write_state(self.layer_idx, state.squeeze(2), normaliser.squeeze(2), start_pos + T)
+        out = out.permute(0, 3, 1, 2, 4).reshape(B, T, self.n_heads * E).to(out_dtype)
+        return self.o_proj(out)
+
+    def attention_weights(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """The implied weights ``(R_t phi(q_t)) . (R_s phi(k_s)) / sum_{s'<=t} phi(q_t) . phi(k_s')`` for
+        s <= t, [B, H, T, T] fp32. Rows sum to one only without RoPE; weights may be negative with it."""
+        T = x.shape[1]
+        G = self.n_heads // self.n_kv_heads
+        q, k, v = self._project(x)
+        with torch.autocast(x.device.type, enabled=False):
+            qf, qr, kf, kr, _ = (t.transpose(1, 2) for t in self._features(q, k, v, rope))  # [B, heads, T, E]
+            kf, kr = kf.repeat_interleave(G, 1), kr.repeat_interleave(G, 1)  # [B, H, T, E]
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            numerator = (qr @ kr.transpose(-1, -2)).masked_fill(future, 0.0)
+            denominator = (qf @ kf.transpose(-1, -2)).masked_fill(future, 0.0).sum(-1, keepdim=True)
+            return numerator / (denominator + _LINEAR_EPS)
 
 
 class SwiGLU(nn.Module):
@@ -237,7 +475,8 @@ class PicoDecoderBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.attention = Attention(config, layer_idx)
+        attention = LinearAttention if config.attention == "linear" else Attention
+        self.attention = attention(config, layer_idx)
         self.swiglu_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.swiglu = SwiGLU(config)
 
