@@ -9,8 +9,10 @@ writes ``<run>/eval_results/step_<N>.json`` and prints a table. The suite (:mod:
 the same code the end-of-fit :class:`~picomaml.lit.final_eval.FinalEvaluation` runs) is any of ``lm``
 (perplexities and next-token accuracy on the run's validation documents), ``meta`` (meta-test N-way
 K-shot accuracy on held-out words) and ``downstream`` (few-shot classification of real labelled data,
-head-only and fully fine-tuned, with the TF-IDF floor). ``control=step0`` also scores the run's step-0
-checkpoint (its random init) with the same data and stores it under ``"step0"``.
+head-only and fully fine-tuned, with the TF-IDF floor) and ``numeric`` (per-kind number-token accuracy,
+greedy-continuation exact match and length extrapolation, for ``data=synthetic`` runs).
+``control=step0`` also scores the run's step-0 checkpoint (its random init) with the same data and stores
+it under ``"step0"``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from picomaml.cli import main_guard, parse_cli_args, pick_device, usage_error
 from picomaml.eval.downstream import DownstreamConfig
+from picomaml.eval.numeric import NumericConfig
 from picomaml.eval.suite import SuiteOptions, SuiteRunner
 from picomaml.runs import load_run
 
@@ -40,10 +43,13 @@ class EvalArgs:
     (default the run's data.seq_len). batch_size: windows per forward. buffer_tokens: tokens indexed for
     meta-test words (default the meta config's). cache_dir: the data cache (default the run's).
     device: cpu, cuda or auto. out: JSON path (default <run>/eval_results/step_<N>.json).
-    suite: comma-separated parts, of lm, meta, downstream (default lm,meta). control: ``step0`` also
+    suite: comma-separated parts, of lm, meta, downstream, numeric (default lm,meta). control: ``step0`` also
     scores the run's step-0 checkpoint (the random init), stored under "step0". downstream_ks,
     downstream_episodes, downstream_finetune_episodes, downstream_test_per_class: the downstream
     budget (default picomaml.eval.downstream.DownstreamConfig's; ks as a list, e.g. 4,8).
+    numeric_per_kind, numeric_lengths, numeric_terms: sequences per kind and length, the multiples of
+    the training length scored (e.g. 1,2,4) and the terms a greedy continuation must get right (default
+    picomaml.eval.numeric.NumericConfig's).
     """
 
     ckpt_path: str
@@ -64,6 +70,9 @@ class EvalArgs:
     downstream_episodes: int | None = None
     downstream_finetune_episodes: int | None = None
     downstream_test_per_class: int | None = None
+    numeric_per_kind: int | None = None
+    numeric_lengths: str | None = None
+    numeric_terms: int | None = None
 
 
 def suite_options(args: EvalArgs) -> SuiteOptions:
@@ -79,6 +88,13 @@ def suite_options(args: EvalArgs) -> SuiteOptions:
         downstream["finetune_episodes"] = args.downstream_finetune_episodes
     if args.downstream_test_per_class is not None:
         downstream["test_per_class"] = args.downstream_test_per_class
+    numeric: dict[str, Any] = {}
+    if args.numeric_per_kind is not None:
+        numeric["per_kind"] = args.numeric_per_kind
+    if args.numeric_lengths is not None:
+        numeric["lengths"] = [int(m) for m in str(args.numeric_lengths).split(",") if m.strip()]
+    if args.numeric_terms is not None:
+        numeric["continuation_terms"] = args.numeric_terms
     return SuiteOptions(
         suite=args.suite,
         meta=args.meta,
@@ -89,6 +105,7 @@ def suite_options(args: EvalArgs) -> SuiteOptions:
         batch_size=args.batch_size,
         buffer_tokens=args.buffer_tokens,
         downstream=DownstreamConfig(**downstream),
+        numeric=NumericConfig(**numeric),
     )
 
 
@@ -123,6 +140,10 @@ def _rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("meta_head", results["meta_head"]))
     elif "meta_skipped" in results:
         rows.append(("meta-test", "skipped"))
+    # numeric: every kind's (and all kinds') token accuracy and exact match at each length
+    for key, value in results.items():
+        if key.startswith("numeric/") and key.endswith(("/token_acc", "/exact")):
+            rows.append((key, f"{value:.3f}"))
     # downstream: head-only, the fine-tuning budget's last point and the floor; the rest is in the JSON
     last_finetune = {}
     for key in results:

@@ -7,7 +7,9 @@ A suite is any of three parts, scored on one loaded checkpoint (:class:`~picomam
   on its own (:func:`validation_batches`, :func:`picomaml.eval.lm.evaluate_lm`);
 - ``meta``: SMLMT meta-test N-way K-shot accuracy on held-out words (:mod:`picomaml.eval.meta`);
 - ``downstream``: few-shot classification on real labelled data, head-only and fully fine-tuned,
-  with the TF-IDF floor (:mod:`picomaml.eval.downstream`).
+  with the TF-IDF floor (:mod:`picomaml.eval.downstream`);
+- ``numeric``: per-kind number-token accuracy, greedy-continuation exact match and length extrapolation
+  on generated number sequences, for runs trained on ``data=synthetic`` (:mod:`picomaml.eval.numeric`).
 
 Which head a checkpoint is scored with: its own only if it was meta-trained, that is the run took meta
 steps (``meta.hybrid_ratio > 0``) and the checkpoint is past step 0 (:func:`trained_head`). Otherwise
@@ -35,11 +37,12 @@ import torch
 from picomaml.eval.downstream import DownstreamConfig, evaluate_downstream
 from picomaml.eval.lm import document_batches, evaluate_lm
 from picomaml.eval.meta import eval_meta_config, evaluate_meta, load_meta_config
+from picomaml.eval.numeric import NumericConfig, evaluate_numeric, run_numeric_setup
 from picomaml.meta import MetaBatchDataset, MetaConfig, MetaHead
 from picomaml.model import PicoDecoder
 from picomaml.runs import LoadedRun, read_checkpoint
 
-SUITE_PARTS = ("lm", "meta", "downstream")
+SUITE_PARTS = ("lm", "meta", "downstream", "numeric")
 # what an AR-only checkpoint is meta-tested with when no meta config is asked for
 DEFAULT_META = "5way4shot"
 
@@ -66,6 +69,7 @@ class SuiteOptions:
     seq_len: context per scored window (None: the run's ``data.seq_len``). batch_size: windows per
     forward. buffer_tokens: meta-test tokens indexed for words (None: the meta config's).
     downstream: the downstream config (its own ``seed`` fixes the downstream episodes).
+    numeric: the numeric-sequence config (its own ``seed`` fixes the evaluation sequences).
     """
 
     suite: tuple[str, ...] = ("lm", "meta")
@@ -77,6 +81,7 @@ class SuiteOptions:
     batch_size: int = 8
     buffer_tokens: int | None = None
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    numeric: NumericConfig = field(default_factory=NumericConfig)
 
     def __post_init__(self) -> None:
         self.suite = parse_suite(self.suite)
@@ -142,7 +147,8 @@ class SuiteRunner:
         ``meta`` the ``meta_*`` keys of :func:`~picomaml.eval.meta.evaluate_meta` plus ``meta_config``
         and ``meta_head`` (``trained`` or ``fresh init (...)``), or ``meta_skipped`` with the reason;
         with ``downstream`` the ``downstream/...`` keys of
-        :func:`~picomaml.eval.downstream.evaluate_downstream`.
+        :func:`~picomaml.eval.downstream.evaluate_downstream`; with ``numeric`` the ``numeric/...``
+        keys of :func:`~picomaml.eval.numeric.evaluate_numeric`.
         """
         opts = self.options
         model = run.model.to(self.device).eval()
@@ -155,7 +161,7 @@ class SuiteRunner:
             **training_state(run),
         }
         head = trained_head(run)
-        parts = {"lm": self._lm, "meta": self._meta, "downstream": self._downstream}
+        parts = {"lm": self._lm, "meta": self._meta, "downstream": self._downstream, "numeric": self._numeric}
         for part in opts.suite:
             start = time.perf_counter()
             results.update(parts[part](run, model, head))
@@ -178,6 +184,19 @@ class SuiteRunner:
         meta_cfg = eval_meta_config(self._requested_meta(run), run.meta_config if head else None)
         tokenizer = self.datamodule.tokenizer
         return evaluate_downstream(model, head, tokenizer, self.options.downstream, meta_cfg, self.device)
+
+    def _numeric(self, run: LoadedRun, model: PicoDecoder, head: MetaHead | None) -> dict[str, Any]:
+        config = self.options.numeric
+        train_terms, kinds = run_numeric_setup(run.train_config, config)
+        return evaluate_numeric(
+            model,
+            self.datamodule.tokenizer,
+            config,
+            train_terms,
+            kinds,
+            self.device,
+            model.config.max_seq_len,
+        )
 
     def _requested_meta(self, run: LoadedRun) -> MetaConfig:
         """The meta config the options ask for (``auto``: the run's own, else :data:`DEFAULT_META`)."""

@@ -30,6 +30,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from picomaml.eval.downstream import DownstreamConfig
+from picomaml.eval.numeric import NumericConfig
 from picomaml.eval.suite import SuiteOptions, SuiteRunner
 from picomaml.lit.checkpointing import StepCheckpoints, checkpoint_steps
 from picomaml.runs import CHECKPOINTS_DIR, TRAINING_CONFIG, load_run
@@ -43,7 +44,7 @@ class FinalEvaluation(pl.Callback):
     """Scores the final and the step-0 checkpoint of the run at the end of ``fit`` (module docstring).
 
     Args:
-        suite: parts to run, of ``lm``, ``meta``, ``downstream`` (a list or ``"lm,meta"``).
+        suite: parts to run, of ``lm``, ``meta``, ``downstream``, ``numeric`` (a list or ``"lm,meta"``).
         meta_config: a ``conf/meta`` option for the meta-test episode shape; None = the run's own
             (``5way4shot`` for an AR-only run).
         episodes: meta-test tasks per checkpoint.
@@ -52,6 +53,7 @@ class FinalEvaluation(pl.Callback):
         max_docs: validation documents to score (None: all of them).
         batch_size: windows per forward in the LM part.
         downstream: fields of :class:`~picomaml.eval.downstream.DownstreamConfig` (None: its defaults).
+        numeric: fields of :class:`~picomaml.eval.numeric.NumericConfig` (None: its defaults).
         control_step: the control checkpoint's step (0: the random init); None scores the final one only.
         results_file: where the JSON goes (default ``<run>/eval_results/final.json``).
     """
@@ -65,6 +67,7 @@ class FinalEvaluation(pl.Callback):
         max_docs: int | None = None,
         batch_size: int = 8,
         downstream: Mapping[str, Any] | None = None,
+        numeric: Mapping[str, Any] | None = None,
         control_step: int | None = 0,
         results_file: str | os.PathLike | None = None,
     ) -> None:
@@ -78,6 +81,7 @@ class FinalEvaluation(pl.Callback):
             max_docs=max_docs,
             batch_size=batch_size,
             downstream=DownstreamConfig(**dict(downstream or {})),
+            numeric=NumericConfig(**dict(numeric or {})),
         )
         if control_step is not None and control_step < 0:
             raise ValueError(f"callbacks.final_eval.control_step must be >= 0 or null, got {control_step}")
