@@ -244,7 +244,9 @@ def check_architecture(path: Path, model_config: ModelConfig) -> int:
         checkpoint = read_checkpoint(path)
     except RunError as err:
         raise ConfigError(str(err)) from err
-    saved = checkpoint["hyper_parameters"]["model_config"]
+    # a key the checkpoint predates (e.g. model.attention) had its default value then
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    saved = {**defaults, **checkpoint["hyper_parameters"]["model_config"]}
     wanted = dataclasses.asdict(model_config)
     diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if diff:

@@ -14,7 +14,8 @@ KEYS = {
     "model", "precision", "batch_size", "seq_len", "steps", "warmup", "tokens_per_s", "step_time_mean_s",
     "step_time_median_s", "step_time_min_s", "model_flops_per_token", "achieved_flops_per_s",
     "peak_matmul_flops_per_s", "peak_matmul_n", "mfu", "tokens_per_s_best", "mfu_best", "peak_rss_mb",
-    "num_parameters", "torch_version", "threads", "device", "cpu", "cpu_capability",
+    "num_parameters", "torch_version", "threads", "device", "cpu", "cpu_capability", "attention",
+    "peak_memory_mb", "peak_memory_kind",
 }  # fmt: skip
 
 

@@ -168,6 +168,13 @@ class StepCheckpoints(pl.Callback):
         self._schedule = set(steps)
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
+        model_config = getattr(pl_module, "model_config", None)
+        if self.hf_export and getattr(model_config, "attention", "softmax") != "softmax":
+            # no Llama counterpart (picomaml.model.hf.check_exportable): step dirs hold checkpoint.ckpt only
+            log.info(
+                "model.attention=%s: step checkpoints are saved without a HF export", model_config.attention
+            )
+            self.hf_export = False
         # Last at every hook from now on (module docstring). Lightning calls `setup` while iterating the
         # old list, which a new list leaves alone.
         trainer.callbacks = [*(c for c in trainer.callbacks if c is not self), self]

@@ -14,6 +14,13 @@ PaLM-style (Chowdhery et al. 2022, appendix B) training FLOPs per token::
   ``d_model`` = n_heads * head_dim, so GQA does not change this term.
 
 Elementwise work (norms, RoPE, SiLU, softmax) is not counted, as in the PaLM and Chinchilla formulas.
+
+``model.attention=linear`` replaces the attention term by its recurrent form's matmuls, independent of
+``seq_len``: per layer and token, each query head reads the [E, E] state (2 E^2 multiply-adds) and each
+kv head adds its key-value outer product to it (2 E^2), times 3 for training:
+``6 * n_layers * (n_heads + n_kv_heads) * head_dim^2``. The chunkwise training form does more (its
+intra-chunk [C, C] products), as a causal softmax kernel does less than the PaLM square: model FLOPs
+count the model's function, not one implementation of it.
 """
 
 from __future__ import annotations
@@ -32,5 +39,10 @@ def matmul_params(config: ModelConfig) -> int:
 
 def model_flops_per_token(config: ModelConfig, seq_len: int, training: bool = True) -> int:
     """Model FLOPs per token at context ``seq_len``; ``training=False`` gives the forward pass (1/3)."""
-    flops = 6 * matmul_params(config) + 12 * config.n_layers * config.d_model * seq_len
+    if config.attention == "linear":
+        heads = config.attention_n_heads + config.attention_n_kv_heads
+        attention = 6 * config.n_layers * heads * config.head_dim**2
+    else:
+        attention = 12 * config.n_layers * config.d_model * seq_len
+    flops = 6 * matmul_params(config) + attention
     return flops if training else flops // 3

@@ -1,10 +1,11 @@
 """Text generation: greedy or sampled, with KV-cached decoding (``python -m picomaml.generate`` is its CLI).
 
 Decoding with a cache runs the prompt once (prefill), then one token per step: each step feeds only the
-new token and reads the keys and values of earlier positions from the :class:`~picomaml.model.KVCache`,
-so a step costs O(context) instead of re-running the whole sequence. ``use_cache=false`` recomputes the
-full sequence every step; both give the same tokens (the tests check it), which makes the slow path a
-reference for the fast one.
+new token and reads what earlier positions left in the :class:`~picomaml.model.KVCache`: their keys and
+values for softmax attention (a step costs O(context) instead of re-running the whole sequence), or the
+recurrent state of ``model.attention=linear`` (a step costs O(1) in the context length).
+``use_cache=false`` recomputes the full sequence every step; both give the same tokens (the tests check
+it), which makes the slow path a reference for the fast one.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ scores only depend on q.k, which is invariant to applying the same permutation t
 values are untouched, so logits match.
 
 ``python -m picomaml.export`` is the command-line front of this module.
+
+Only softmax attention has a Llama counterpart: a ``model.attention=linear`` model is refused with one
+line (:func:`check_exportable`) rather than written as a Llama that would compute something else. Its
+checkpoints (``checkpoint.ckpt``) are the way to share it; every picomaml tool reads them.
 """
 
 from __future__ import annotations
@@ -108,10 +112,20 @@ def export_to_hf(model: PicoDecoder, out_dir: str | Path, tokenizer=None) -> Pat
     return export_state_to_hf(model.state_dict(), model.config, out_dir, tokenizer)
 
 
+def check_exportable(config: ModelConfig) -> None:
+    """Raise ValueError (one line) unless ``config`` has an exact ``LlamaForCausalLM`` counterpart."""
+    if config.attention != "softmax":
+        raise ValueError(
+            f"model.attention={config.attention} cannot be exported: LlamaForCausalLM has softmax attention "
+            "only, so the export would compute a different model; share its checkpoint.ckpt instead"
+        )
+
+
 def export_state_to_hf(
     state: dict[str, torch.Tensor], config: ModelConfig, out_dir: str | Path, tokenizer=None
 ) -> Path:
     """:func:`export_to_hf` from a pico-decoder ``state_dict`` (e.g. a checkpoint's, without a model)."""
+    check_exportable(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = state["embedding_proj.weight"].dtype
