@@ -4,6 +4,7 @@ CLI::
 
     python -m picomaml.inspect model=11m
     python -m picomaml.inspect model=tiny seq_len=16 batch_size=1 device=cpu
+    python -m picomaml.inspect model=11m attention=linear
 
 Each module of the preset's :class:`~picomaml.model.PicoDecoder` gets a forward hook that records the
 shapes of its tensor inputs and of its output for one sample batch of ``[batch_size, seq_len]`` token
@@ -102,18 +103,20 @@ class InspectArgs:
     """Arguments of ``python -m picomaml.inspect`` (key=value).
 
     model: preset name (conf/model). seq_len, batch_size: the sample batch. device: ``meta`` (shapes
-    only, no memory) or a real device such as ``cpu``.
+    only, no memory) or a real device such as ``cpu``. attention: the preset's ``model.attention``
+    (softmax or linear).
     """
 
     model: str
     seq_len: int = 64
     batch_size: int = 2
     device: str = "meta"
+    attention: str = "softmax"
 
 
 def inspect_model(args: InspectArgs, console: Console | None = None) -> list[ModuleRecord]:
     """Build the preset, trace one batch and print the tree and a summary; returns the records."""
-    config = load_model_config(args.model)
+    config = load_model_config(args.model, attention=args.attention)
     if not 1 <= args.seq_len <= config.max_seq_len:
         raise ValueError(f"seq_len={args.seq_len} must be in [1, {config.max_seq_len}] (model.max_seq_len)")
     device = torch.device(args.device)

@@ -31,6 +31,7 @@ so every preset and every pico-train state_dict is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -295,6 +296,13 @@ class Attention(_AttentionBase):
         return scores.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 
+def _fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device`` (a no-op on devices without autocast, e.g. ``meta``)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def feature_map(x: torch.Tensor) -> torch.Tensor:
     """phi(x) = elu(x) + 1, the positive kernel feature map of Katharopoulos et al. 2020 ("Transformers
     are RNNs", section 3.2.1): phi(q) . phi(k) > 0 stands in for exp(q . k), so the normaliser is a sum of
@@ -421,7 +429,7 @@ class LinearAttention(_AttentionBase):
         K, G, E = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
         q, k, v = self._project(x)  # in the autocast dtype, like every other matmul
         out_dtype = v.dtype
-        with torch.autocast(x.device.type, enabled=False):
+        with _fp32(x.device):
             qf, qr, kf, kr, v = self._features(q, k, v, rope)
             # query head h = kv * G + g: group each kv head's G query heads beside it
             qf, qr = (t.view(B, T, K, G, E).permute(0, 2, 3, 1, 4) for t in (qf, qr))  # [B, K, G, T, E]
@@ -447,7 +455,7 @@ class LinearAttention(_AttentionBase):
         T = x.shape[1]
         G = self.n_heads // self.n_kv_heads
         q, k, v = self._project(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with _fp32(x.device):
             qf, qr, kf, kr, _ = (t.transpose(1, 2) for t in self._features(q, k, v, rope))  # [B, heads, T, E]
             kf, kr = kf.repeat_interleave(G, 1), kr.repeat_interleave(G, 1)  # [B, H, T, E]
             future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
