@@ -19,7 +19,9 @@ Every job dir of the sweep (a dir holding ``.hydra/overrides.yaml``) becomes one
 
 It writes ``report.csv``, ``report.md`` (the table plus per-group summaries) and ``curves.png``
 (``metric`` against step for every job, one color per value of ``group_by``) to ``out``
-(default: the sweep dir).
+(default: the sweep dir). For a multi-objective optuna sweep (``hydra.sweeper.directions``) report.md
+also lists the Pareto front (from the sweep's ``trials.csv``: trial, one column per objective, params)
+and ``pareto.png`` plots every complete trial on the first two objectives with the front joined.
 
 ``study=true`` reports an ``experiment=ar_vs_hybrid`` sweep instead (:mod:`picomaml.eval.study`):
 ``study.md`` and ``study.csv`` (per model size and metric, each arm's mean and 95% CI over seeds and
@@ -41,6 +43,7 @@ from typing import Any
 
 from picomaml.cli import main_guard, parse_cli_args
 from picomaml.eval.study import JobRecord, collect, float_or_none, group_value, sort_key, write_study
+from picomaml.sweep.front import plot_front, read_front
 
 __all__ = ["JobRecord", "collect", "group_value", "main", "write_report"]
 
@@ -131,7 +134,8 @@ def plot_curves(records: list[JobRecord], metric: str, path: Path, group_by: str
 def write_report(
     sweep_dir: Path, group_by: str | None = None, metric: str = "val/loss", out: Path | None = None
 ) -> dict[str, Path]:
-    """Writes ``report.csv``, ``report.md`` and ``curves.png``; returns their paths by name."""
+    """Writes ``report.csv``, ``report.md``, ``curves.png`` (and ``pareto.png`` for a multi-objective
+    sweep); returns their paths by name."""
     out = out or sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     records = collect(sweep_dir, metric)
@@ -152,6 +156,12 @@ def write_report(
     md.append(_markdown_table(header, rows))
     if group_by:
         md += ["", f"## By {group_by}", "", _markdown_table(*_group_summary(records, group_by))]
+    front = read_front(sweep_dir)  # a multi-objective optuna sweep (hydra.sweeper.directions)
+    if front is not None:
+        md += ["", "## Pareto front", "", front.summary() + " All trials in pareto.png.", ""]
+        md.append(_markdown_table(*front.table()))
+        if plot_front(front, out / "pareto.png"):
+            written["pareto"] = out / "pareto.png"
     written["md"].write_text("\n".join(md) + "\n")
     if plot_curves(records, metric, out / "curves.png", group_by):
         written["png"] = out / "curves.png"

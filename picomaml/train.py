@@ -45,6 +45,7 @@ from picomaml.meta import MetaConfig
 from picomaml.model import ModelConfig
 from picomaml.runs import RESULT_FILE, RunLock, check_architecture, resume_checkpoint
 from picomaml.sweep import trial_reporter
+from picomaml.sweep.objectives import MissingMetricError, is_multi_objective, metric_names, objective_values
 from picomaml.utils.config_tree import print_config_tree
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,9 @@ class PruningListener:
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         if self._reporter is None:
             self._reporter = trial_reporter(self.cfg)
+        # a list of metrics is a multi-objective study, which optuna cannot prune
+        if is_multi_objective(self.cfg.optimized_metric):
+            return
         if not self._reporter.active or self.cfg.optimized_metric not in metrics:
             return
         self._reporter.report(step, metrics[self.cfg.optimized_metric])
@@ -216,7 +220,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
     if multirun:
         write_hydra_record(cfg, hydra_cfg, output_dir)
-    result: dict[str, Any] = {"metric": None, "metric_name": cfg.optimized_metric, "status": "failed"}
+    name = cfg.optimized_metric
+    if is_multi_objective(name):  # a list of keys: a multi-objective sweep
+        name = metric_names(name)
+    result: dict[str, Any] = {"metric": None, "metric_name": name, "status": "failed"}
     record = multirun
     lock = RunLock(output_dir)
     try:
@@ -239,12 +246,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         plan.trainer.fit(plan.module, datamodule=plan.datamodule, ckpt_path=plan.resume_from)
         metrics = {k: float(v) for k, v in plan.trainer.callback_metrics.items()}
         result.update(
-            metric=metrics.get(cfg.optimized_metric),
-            status="completed",
-            global_step=plan.trainer.global_step,
-            tokens_seen=plan.module.tokens_seen,
-            metrics=metrics,
+            global_step=plan.trainer.global_step, tokens_seen=plan.module.tokens_seen, metrics=metrics
         )
+        # one value, or a list in the order of a list `optimized_metric` (multi-objective sweeps)
+        result.update(metric=objective_values(cfg.optimized_metric, metrics), status="completed")
         return result
     except BaseException as err:
         result["error"] = f"{type(err).__name__}: {err}"
@@ -323,13 +328,13 @@ def _finish_wandb() -> None:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | list[float] | None:
     try:
         return train(cfg)["metric"]
-    except (ConfigError, DivergenceError) as err:
+    except (ConfigError, DivergenceError, MissingMetricError) as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # sweepers record the job's exception as that trial's failure, and go on
-        if isinstance(err, DivergenceError):
+        if isinstance(err, (DivergenceError, MissingMetricError)):
             raise SystemExit(f"picomaml: {err}") from err
         # one line naming the key, not a traceback: nothing has been trained or overwritten yet
         raise SystemExit(f"picomaml: config error: {err}") from err

@@ -24,10 +24,14 @@ class SamplerConf:
     ``random`` ignores history; ``grid`` enumerates ``choice``/``range`` params exhaustively
     (``n_trials`` is capped at the grid size); ``cmaes`` needs the ``cmaes`` package and only
     handles ``interval``/``range`` params (choices fall back to random sampling).
+    Multi-objective studies (``directions``): ``tpe`` (MOTPE), ``nsga2`` (NSGA-II, a genetic
+    algorithm: generations of ``population_size`` trials), ``random`` and ``grid``; not ``cmaes``.
     """
 
     name: str = "tpe"
     seed: int | None = None
+    # nsga2 only: trials per generation
+    population_size: int = 50
     # tpe and cmaes: random trials before the model kicks in
     n_startup_trials: int = 10
     # tpe only
@@ -83,7 +87,12 @@ class PicomamlOptunaSweeperConf:
     _target_: str = SWEEPER_TARGET
     study_name: str = "picomaml"
     storage: str | None = None
-    direction: str = "minimize"
+    # one objective: minimize (the default when neither is set) or maximize `optimized_metric`
+    direction: str | None = None
+    # several objectives, exclusive with `direction`: one direction per key of a list
+    # `optimized_metric` (e.g. [minimize, maximize] for [val/loss, meta_test/query_acc]); the study
+    # keeps the Pareto front, cannot prune, and best.yaml lists the front's trials
+    directions: list[str] | None = None
     # trials in the study in total (finished, pruned and failed), across resumes
     n_trials: int = 20
     # trials running at once; a new one starts as soon as any finishes (schedule=async)

@@ -50,6 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from picomaml.sweep import results
 from picomaml.sweep.cluster import check_launcher
+from picomaml.sweep.objectives import check_pruner, check_returned, metric_names, resolve_directions
 from picomaml.sweep.reporter import SWEEP_KEY
 from picomaml.sweep.space import (
     SearchSpace,
@@ -75,7 +76,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DIRECTIONS = ("minimize", "maximize")
 SCHEDULES = ("async", "batch")
 
 
@@ -116,7 +116,7 @@ class OptunaSweeperImpl:
         self,
         study_name: str,
         storage: str | None,
-        direction: str,
+        direction: str | None,
         n_trials: int,
         parallelism: int,
         max_failures: int,
@@ -126,10 +126,15 @@ class OptunaSweeperImpl:
         enqueue: Any,
         plots: bool,
         schedule: str = "async",
+        directions: Any = None,
     ) -> None:
         self.study_name = study_name
         self.storage = storage
         self.direction = direction
+        self.directions_conf: list[str] | None = _plain(directions, None)
+        # the study's directions, one per objective, and the task's metric keys: set by _check_objectives
+        self.directions: list[str] = []
+        self.metric_names: list[str] | None = None
         self.n_trials = n_trials
         self.parallelism = parallelism
         self.max_failures = max_failures
@@ -162,14 +167,23 @@ class OptunaSweeperImpl:
             raise SweepConfigError(f"hydra.sweeper.parallelism must be >= 1, got {self.parallelism}")
         if self.max_failures < 1:
             raise SweepConfigError(f"hydra.sweeper.max_failures must be >= 1, got {self.max_failures}")
-        if self.direction not in DIRECTIONS:
-            raise SweepConfigError(
-                f"hydra.sweeper.direction must be one of {DIRECTIONS}, got {self.direction!r}"
-            )
+        self._check_objectives()
         if self.schedule not in SCHEDULES:
             raise SweepConfigError(
                 f"hydra.sweeper.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
             )
+
+    def _check_objectives(self) -> None:
+        """``direction`` or ``directions`` against the task's ``optimized_metric`` and the pruner."""
+        assert self.config is not None
+        optimized_metric = OmegaConf.select(self.config, "optimized_metric", default=None)
+        try:
+            self.directions = resolve_directions(self.direction, self.directions_conf, optimized_metric)
+            check_pruner(self.pruner_conf.get("name", "none"), self.directions)
+        except ValueError as e:
+            raise SweepConfigError(str(e)) from e
+        # axis labels of the plots and column names of trials.csv: the metric keys when the task has them
+        self.metric_names = metric_names(optimized_metric) if optimized_metric is not None else None
 
     def _check_enqueue(self, space: SearchSpace) -> None:
         if not isinstance(self.enqueue, list):
@@ -210,6 +224,30 @@ class OptunaSweeperImpl:
                 ) from e
         return space
 
+    def _check_stored_objectives(self, study: optuna.Study, storage_url: str) -> None:
+        """A resumed study keeps the directions it was created with: they must be the ones asked for.
+
+        A multi-objective study also keeps its metric names (``optimized_metric``), which label the
+        plots, ``trials.csv`` and ``best.yaml``.
+        """
+        stored = [d.name.lower() for d in study.directions]
+        if stored != self.directions:
+            created = stored[0] if len(stored) == 1 else stored
+            asked = self.directions[0] if len(self.directions) == 1 else self.directions
+            raise SweepConfigError(
+                f"study {self.study_name!r} in {storage_url} was created to {created}, not {asked}; "
+                "use another study_name (or hydra.sweep.dir)"
+            )
+        if len(stored) == 1 or self.metric_names is None or len(self.metric_names) != len(stored):
+            return  # single-objective studies stay as they were (unnamed, any metric on resume)
+        named = results.stored_metric_names(study)
+        if named is not None and named != self.metric_names:
+            raise SweepConfigError(
+                f"study {self.study_name!r} in {storage_url} optimizes {named}, not {self.metric_names} "
+                "(optimized_metric); use another study_name (or hydra.sweep.dir)"
+            )
+        results.set_metric_names(study, self.metric_names)
+
     def _check_trial_dirs(self, study: optuna.Study, sweep_dir: Path, storage_url: str) -> None:
         # numbered job dirs that the study does not know come from another study or a deleted
         # storage: new trials would reuse their numbers and write into them
@@ -242,7 +280,7 @@ class OptunaSweeperImpl:
         check_launcher(self.launcher)
         try:
             grid = grid_of(space) if self.sampler_conf["name"] == "grid" else None
-            sampler = build_sampler(self.sampler_conf, grid)
+            sampler = build_sampler(self.sampler_conf, grid, n_objectives=len(self.directions))
             pruner = build_pruner(self.pruner_conf)
         except ValueError as e:
             raise SweepConfigError(str(e)) from e
@@ -259,14 +297,10 @@ class OptunaSweeperImpl:
             storage=storage,
             sampler=sampler,
             pruner=pruner,
-            direction=self.direction,
+            directions=self.directions,
             load_if_exists=True,
         )
-        if study.direction.name.lower() != self.direction:
-            raise SweepConfigError(
-                f"study {self.study_name!r} in {storage_url} was created to {study.direction.name.lower()}, "
-                f"not {self.direction}; use another study_name"
-            )
+        self._check_stored_objectives(study, storage_url)
         self._check_trial_dirs(study, sweep_dir, storage_url)
         study.set_user_attr(PRUNER_ATTR, self.pruner_conf)
         self._fail_stale_trials(study)
@@ -489,7 +523,7 @@ class OptunaSweeperImpl:
 
         trial.set_user_attr(results.SUBMITTED_ATTR, outcome.submitted_at)
         trial.set_user_attr(results.RETURNED_ATTR, outcome.returned_at)
-        value: float | None = None
+        values: list[float] | None = None
         error: str | None = None
         if outcome.job_return is None:
             error = f"job died: {type(outcome.error).__name__}: {outcome.error}"
@@ -504,18 +538,14 @@ class OptunaSweeperImpl:
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
             else:
-                try:
-                    value = float(raw)
-                except (TypeError, ValueError):
-                    error = f"returned {raw!r}, not a number"
-                else:
-                    if not math.isfinite(value):
-                        error = f"returned {value}"
+                # a finite number, or one per objective in a multi-objective study
+                values, error = check_returned(raw, len(self.directions))
         if error is not None:
             trial.set_user_attr(results.ERROR_ATTR, error[:2000])
             study.tell(trial, state=TrialState.FAIL)
             log.error(f"trial {trial.number} failed: {error.splitlines()[0]}")
             return "FAIL"
-        study.tell(trial, value)
-        log.info(f"trial {trial.number} finished: {value}")
+        assert values is not None
+        study.tell(trial, values if len(values) > 1 else values[0])
+        log.info(f"trial {trial.number} finished: {values if len(values) > 1 else values[0]}")
         return "COMPLETE"

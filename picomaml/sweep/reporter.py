@@ -43,6 +43,8 @@ class TrialReporter:
         self._trial: optuna.Trial | None = None
         # set when the study already closed this trial (a resumed driver marked it FAIL)
         self._orphaned = False
+        # optuna keeps no intermediate values for a multi-objective study (and cannot prune it)
+        self._multi_objective = False
         if number is None:
             return
         import optuna
@@ -53,6 +55,7 @@ class TrialReporter:
         study_id = backend.get_study_id_from_name(study_name or "")
         pruner_conf = backend.get_study_user_attrs(study_id).get(PRUNER_ATTR, {"name": "none"})
         study = optuna.load_study(study_name=study_name, storage=backend, pruner=build_pruner(pruner_conf))
+        self._multi_objective = len(study.directions) > 1
         trial_id = backend.get_trial_id_from_study_id_trial_number(study_id, number)
         self._trial = optuna.Trial(study, trial_id)
 
@@ -66,8 +69,9 @@ class TrialReporter:
 
         A step reported twice (a requeued job redoing steps after resuming) keeps the first value;
         a NaN or infinite value is not stored (optuna cannot rank it) and is left to the final result.
+        In a multi-objective study nothing is stored: optuna has no intermediate values there.
         """
-        if self._trial is None or not math.isfinite(value):
+        if self._trial is None or self._multi_objective or not math.isfinite(value):
             return
         from optuna.exceptions import UpdateFinishedTrialError
 
@@ -82,7 +86,9 @@ class TrialReporter:
         Also true when the study has already closed the trial: its driver was killed and a rerun
         marked it FAIL, so nobody will record its result and the job should free its resources.
         """
-        return self._trial is not None and (self._orphaned or self._trial.should_prune())
+        if self._trial is None:
+            return False
+        return self._orphaned or (not self._multi_objective and self._trial.should_prune())
 
 
 def trial_reporter(cfg: DictConfig | dict[str, Any] | None = None) -> TrialReporter:

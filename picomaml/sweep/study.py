@@ -7,7 +7,7 @@ pruning decision taken inside a SLURM job matches what the driver configured.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from optuna.pruners import BasePruner
     from optuna.samplers import BaseSampler
     from optuna.storages import BaseStorage
+    from optuna.trial import FrozenTrial
 
 # study user attribute holding the pruner config (a plain dict), read by trials
 PRUNER_ATTR = "picomaml.pruner"
@@ -72,20 +73,37 @@ def open_storage(url: str, existing: bool = False) -> BaseStorage:
         ) from e
 
 
-def build_sampler(conf: Mapping[str, Any], grid: dict[str, list[Any]] | None = None) -> BaseSampler:
+def build_sampler(
+    conf: Mapping[str, Any],
+    grid: dict[str, list[Any]] | None = None,
+    n_objectives: int = 1,
+    constraints_func: Callable[[FrozenTrial], Sequence[float]] | None = None,
+) -> BaseSampler:
     """The sampler named by ``conf['name']`` (see ``picomaml.sweep.config.SamplerConf``).
 
-    ``grid`` is required for the grid sampler (``picomaml.sweep.space.grid_of``).
+    ``grid`` is required for the grid sampler (``picomaml.sweep.space.grid_of``). ``n_objectives`` > 1
+    (a multi-objective study) rules out ``cmaes``. ``constraints_func`` goes to the samplers that take
+    one (tpe, nsga2): trials with a positive constraint value are infeasible and never on the front.
     """
     import optuna
 
     name, seed = conf["name"], conf.get("seed")
+    if n_objectives > 1 and name == "cmaes":
+        raise ValueError(
+            "hydra.sweeper.sampler.name=cmaes cannot search several objectives (directions); "
+            "choose one of tpe, nsga2, random, grid"
+        )
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=conf.get("population_size", 50), constraints_func=constraints_func
+        )
     if name == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed,
             n_startup_trials=conf["n_startup_trials"],
             multivariate=conf["multivariate"],
             constant_liar=conf["constant_liar"],
+            constraints_func=constraints_func,
         )
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -94,7 +112,7 @@ def build_sampler(conf: Mapping[str, Any], grid: dict[str, list[Any]] | None = N
         return optuna.samplers.GridSampler(grid, seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=conf["n_startup_trials"])
-    raise ValueError(f"unknown sampler {name!r}; choose one of tpe, random, grid, cmaes")
+    raise ValueError(f"unknown sampler {name!r}; choose one of tpe, nsga2, random, grid, cmaes")
 
 
 def build_pruner(conf: Mapping[str, Any]) -> BasePruner:

@@ -1,6 +1,9 @@
 """A tiny Hydra task that behaves like a training run, for testing sweeps without training.
 
-Its "validation loss" at step t is ``(x - 0.3)^2 + (y - 0.7)^2 + model.offset + 1 / (t + 1)``. It reports
+Its "validation loss" at step t is ``(x - 0.3)^2 + (y - 0.7)^2 + model.offset + 1 / (t + 1)`` and its
+"validation accuracy" ``1 - (x - 0.8)^2 - (y - 0.7)^2 / 2 - model.offset``, best at another x, so the
+two trade off along x in [0.3, 0.8] (the Pareto front of a multi-objective sweep). It returns the
+``optimized_metric`` (one key, or a list of keys: multi-objective) as ``picomaml.train`` does, reports
 each value to the optuna trial (so pruners work), writes a Lightning-CSVLogger-like
 ``csv/version_0/metrics.csv``, the ``result.json`` that picomaml.train writes, ``timing.json``
 (wall-clock start and end of the task, for the asynchrony checks) and ``step_clock.json``
@@ -23,14 +26,19 @@ from omegaconf import DictConfig, ListConfig
 
 from picomaml.sweep import trial_reporter
 from picomaml.sweep.clock import StepClock
+from picomaml.sweep.objectives import objective_values
 
 
 def loss_at(cfg: DictConfig, step: int) -> float:
     return (cfg.x - 0.3) ** 2 + (cfg.y - 0.7) ** 2 + cfg.model.offset + 1.0 / (step + 1)
 
 
+def acc_at(cfg: DictConfig) -> float:
+    return 1.0 - (cfg.x - 0.8) ** 2 - 0.5 * (cfg.y - 0.7) ** 2 - cfg.model.offset
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | list[float] | None:
     started = time.time()
     out = Path(HydraConfig.get().runtime.output_dir)
     job = {"pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
@@ -50,14 +58,14 @@ def main(cfg: DictConfig) -> float:
         with metrics.open("w", newline="") as f:
             # sparse rows, as Lightning's CSVLogger writes them: train and val metrics on separate rows
             writer = csv.writer(f)
-            writer.writerow(["epoch", "step", "train/loss", "val/loss"])
+            writer.writerow(["epoch", "step", "train/loss", "val/loss", "val/acc"])
             for step in range(cfg.steps):
                 clock.step_start()
                 time.sleep(sleep)
                 value = loss_at(cfg, step)
                 clock.step_end()
-                writer.writerow([0, step, value + 0.05, ""])
-                writer.writerow([0, step, "", value])
+                writer.writerow([0, step, value + 0.05, "", ""])
+                writer.writerow([0, step, "", value, acc_at(cfg)])
                 f.flush()
                 reporter.report(step, value)
                 if reporter.should_prune():
@@ -65,8 +73,9 @@ def main(cfg: DictConfig) -> float:
                     raise optuna.TrialPruned(f"pruned at step {step}")
         if cfg.nan_above is not None and cfg.y > cfg.nan_above:
             value = math.nan
+        returned = objective_values(cfg.optimized_metric, {"val/loss": value, "val/acc": acc_at(cfg)})
         status = "completed"
-        return value
+        return returned
     finally:
         ended = time.time()
         result = {
