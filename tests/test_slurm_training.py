@@ -32,13 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
-SLURM = [
-    "hydra/launcher=slurm",
-    "hydra.launcher.gpus_per_node=null",
-    "hydra.launcher.cpus_per_task=1",
-    "hydra.launcher.mem_gb=1",
-    "hydra.launcher.timeout_min=10",
-]
+# the profile for this cluster: 1 CPU per job, memory from sinfo (mem_gb: auto), no GPU
+SLURM = ["hydra/launcher=slurm_local"]
 # the embedded wiki with a short word buffer: the SMLMT word index builds in well under a second
 META = [
     "data=wiki",
