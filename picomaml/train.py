@@ -40,7 +40,7 @@ from picomaml.lit.dynamics import LearningDynamics, match_modules
 from picomaml.lit.loggers import ResumableCSVLogger
 from picomaml.lit.module import DivergenceError, PicoLitModule
 from picomaml.lit.optim import OptimConfig
-from picomaml.lit.slurm import preemption_callbacks, submitit_plugins
+from picomaml.lit.slurm import check_slurm_tasks, preemption_callbacks, submitit_plugins
 from picomaml.meta import MetaConfig
 from picomaml.model import ModelConfig
 from picomaml.runs import RESULT_FILE, RunLock, check_architecture, resume_checkpoint
@@ -125,7 +125,7 @@ def build_trainer(
         if isinstance(logger, ResumableCSVLogger):
             logger.resume_step = resume_step
     try:
-        return hydra.utils.instantiate(
+        trainer = hydra.utils.instantiate(
             trainer_cfg,
             callbacks=callbacks,
             logger=loggers or False,
@@ -133,6 +133,8 @@ def build_trainer(
         )
     except Exception as err:
         raise ConfigError(f"trainer: {err}") from err
+    check_slurm_tasks(trainer)  # in a multi-task SLURM job: trainer.devices x num_nodes = the job's tasks
+    return trainer
 
 
 def _attach_hub_uploader(cfg: DictConfig, callbacks: list[pl.Callback], output_dir: Path) -> None:
@@ -198,10 +200,19 @@ class PruningListener:
         # a list of metrics is a multi-objective study, which optuna cannot prune
         if is_multi_objective(self.cfg.optimized_metric):
             return
-        if not self._reporter.active or self.cfg.optimized_metric not in metrics:
-            return
-        self._reporter.report(step, metrics[self.cfg.optimized_metric])
-        if self._reporter.should_prune():
+        # With several ranks, rank 0 alone reports and asks the pruner, and every rank follows its
+        # verdict: ranks asking the study themselves could disagree (another trial may report in
+        # between), and a rank that stops alone leaves the others waiting in the next collective.
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        verdict = [False]
+        rank_zero = not distributed or dist.get_rank() == 0
+        if rank_zero and self._reporter.active and self.cfg.optimized_metric in metrics:
+            self._reporter.report(step, metrics[self.cfg.optimized_metric])
+            verdict[0] = self._reporter.should_prune()
+        if distributed and OmegaConf.select(self.cfg, "sweep.trial_number") is not None:
+            dist.broadcast_object_list(verdict, src=0)  # (the same config, so every rank gets here)
+        if verdict[0]:
             raise optuna.TrialPruned(f"pruned at step {step}")
 
 
@@ -218,7 +229,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
-    if multirun:
+    # the other ranks of a multi-task SLURM job run this same function and write nothing in the run dir
+    owner = _is_owner_process()
+    if not owner:
+        _leave_run_log_to_owner(output_dir)
+    if multirun and owner:
         write_hydra_record(cfg, hydra_cfg, output_dir)
     name = cfg.optimized_metric
     if is_multi_objective(name):  # a list of keys: a multi-objective sweep
@@ -233,18 +248,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if not multirun:
                 _discard_if_new(output_dir, hydra_cfg)
             raise
-        if _is_owner_process():
+        if owner:
             lock.acquire()  # checked and not yet written: a second identical command stops here
-        output_dir.mkdir(parents=True, exist_ok=True)
+            output_dir.mkdir(parents=True, exist_ok=True)
         record = True
-        if hydra_cfg is not None and not multirun:
-            write_hydra_record(cfg, hydra_cfg, output_dir)
-        print_config_tree(cfg, save_to=output_dir / "config_tree.log")
-        save_training_config(cfg, output_dir)
+        if owner:
+            if hydra_cfg is not None and not multirun:
+                write_hydra_record(cfg, hydra_cfg, output_dir)
+            print_config_tree(cfg, save_to=output_dir / "config_tree.log")
+            save_training_config(cfg, output_dir)
         if plan.resume_from is not None:
             log.info("resuming from %s", plan.resume_from)
         plan.trainer.fit(plan.module, datamodule=plan.datamodule, ckpt_path=plan.resume_from)
         metrics = {k: float(v) for k, v in plan.trainer.callback_metrics.items()}
+        result["world_size"] = plan.trainer.world_size  # ranks that trained (devices x num_nodes)
         result.update(
             global_step=plan.trainer.global_step, tokens_seen=plan.module.tokens_seen, metrics=metrics
         )
@@ -316,7 +333,20 @@ def _is_owner_process() -> bool:
 
 
 def _is_rank_zero() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return _is_owner_process() and (not initialized or torch.distributed.get_rank() == 0)
+
+
+def _leave_run_log_to_owner(output_dir: Path) -> None:
+    """Hydra points every process's log file handler at ``<run>/<job name>.log``; a rank that does not
+    own the run dir drops it, so the run's log is rank 0's alone (the other ranks of a SLURM job still
+    log to their submitit task logs, ``.submitit/<job>/<job>_<rank>_log.{out,err}``)."""
+    run_dir = output_dir.resolve()
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _finish_wandb() -> None:

@@ -22,6 +22,15 @@ A requeued job (by submitit or by SLURM) runs the same pickled call into the sam
 ``picomaml.train`` resumes from ``last.ckpt``. A save at a step that also validates waits for the
 validation, as the step checkpoints do (:mod:`picomaml.lit.checkpointing`): Lightning counts a validation
 after a checkpoint's batch as done, so the resumed job would never log it.
+
+Data parallel in one job (``hydra.launcher.tasks_per_node``, ``hydra.launcher.nodes``): submitit runs the
+same pickled call in every SLURM task, and each task is one rank: Lightning's ``SLURMEnvironment`` reads
+``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS`` and the node list, and no process is started by
+Lightning. The trainer must therefore ask for exactly the job's shape, ``trainer.devices`` = tasks per
+node and ``trainer.num_nodes`` = nodes, with a strategy that does not start processes of its own
+(``ddp``, not ``ddp_spawn``); :func:`check_slurm_tasks` refuses anything else before training starts.
+Only rank 0 calls submitit's requeue (submitit's handler does nothing on other ranks); every rank saves
+``last.ckpt`` at the same step and then stops, so no rank is left waiting in a collective.
 """
 
 from __future__ import annotations
@@ -36,7 +45,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
+from picomaml.config import ConfigError
 from picomaml.lit.checkpointing import validation_follows
 
 log = logging.getLogger(__name__)
@@ -56,6 +67,47 @@ def submitit_plugins() -> list[Any]:
     return []
 
 
+def slurm_job_shape() -> tuple[int, int]:
+    """(tasks per node, nodes) of the SLURM job this process runs in, from the variables sbatch sets."""
+    nodes = int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE")
+    tasks = int(per_node) if per_node else int(os.environ.get("SLURM_NTASKS", "1")) // nodes
+    return tasks, nodes
+
+
+def check_slurm_tasks(trainer: pl.Trainer) -> None:
+    """In a submitit job on SLURM, the trainer's shape must be the job's: one rank per SLURM task.
+
+    The launcher's ``tasks_per_node`` and ``nodes`` decide how many processes exist; Lightning only
+    joins them. A trainer that expects another number would fail (or hang) at the first collective, so
+    a mismatch is a :class:`ConfigError` naming both keys before anything is written or trained. The
+    trainer is not silently reshaped to the job: the recorded config (``.hydra/``,
+    ``training_config.yaml``) must say what ran, and only the user knows which of the two numbers is
+    the intended one. Outside submitit, Lightning's own SLURM checks stand.
+    """
+    if not (under_submitit() and SLURMEnvironment.detect()):
+        return
+    tasks, nodes = slurm_job_shape()
+    if trainer.num_devices != tasks:
+        raise ConfigError(
+            f"trainer.devices={trainer.num_devices} but this SLURM job runs {tasks} task(s) per node "
+            f"(hydra.launcher.tasks_per_node={tasks}), and each task is one rank: set "
+            f"trainer.devices={tasks}, or hydra.launcher.tasks_per_node={trainer.num_devices}"
+        )
+    if trainer.num_nodes != nodes:
+        raise ConfigError(
+            f"trainer.num_nodes={trainer.num_nodes} but this SLURM job has {nodes} node(s) "
+            f"(hydra.launcher.nodes={nodes}): set trainer.num_nodes={nodes}, or "
+            f"hydra.launcher.nodes={trainer.num_nodes}"
+        )
+    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        raise ConfigError(
+            f"trainer.strategy={type(trainer.strategy).__name__} (spawn) starts its own processes, but in "
+            "a SLURM job each task is already one rank: use trainer=ddp (strategy "
+            "ddp_find_unused_parameters_true; add trainer.accelerator=cpu trainer.precision=32-true on CPUs)"
+        )
+
+
 def _requeue_signal() -> signal.Signals:
     import submitit
 
@@ -71,6 +123,9 @@ class PreemptionCheckpoint(pl.Callback):
     a save in mid-window would make the resumed run log a shorter window than the uninterrupted one.
     With several ranks, all save at the same step (the first one where any rank got a signal).
     A signal after the last training step changes nothing: the job finishes instead of requeueing.
+    The requeue is decided together too: if any rank got submitit's signal, every rank stops after the
+    save; rank 0 runs submitit's requeue and the others exit, instead of waiting in the next collective
+    for a rank 0 that is gone.
     """
 
     def __init__(self, last_ckpt: Path) -> None:
@@ -128,6 +183,9 @@ class PreemptionCheckpoint(pl.Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(self._save_pending, all=False):
             return
+        requeue = self._requeue_pending is not None
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(requeue, all=False) != requeue:
+            self._requeue_pending = self._requeue_sig  # another rank got the signal: requeue with it
         if validation_follows(trainer):
             self._after_validation = step
             return
@@ -146,7 +204,10 @@ class PreemptionCheckpoint(pl.Callback):
             signum, self._requeue_pending = self._requeue_pending, None
             previous = self._previous.get(signum)
             if callable(previous):  # submitit: re-pickles the job, `scontrol requeue`, sys.exit(-1)
-                previous(signum, None)
+                previous(signum, None)  # (on ranks other than 0 it only logs and returns)
+            if trainer.global_rank != 0:
+                log.warning("rank %d stops after the save; rank 0 requeues the job", trainer.global_rank)
+                raise SystemExit(-1)  # as submitit's own exit on rank 0
 
 
 def preemption_callbacks(output_dir: Path) -> list[pl.Callback]:
