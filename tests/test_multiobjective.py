@@ -331,3 +331,52 @@ def test_meta_optuna_pareto_on_real_trainings(tmp_path: Path, cache_dir: Path) -
         assert 0.0 <= t.values[1] <= 1.0
     best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
     assert {m["number"] for m in best["pareto_front"]} == {t.number for t in study.best_trials}
+
+
+def _slurm_sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    # run_sweep's command, with room for a queue that other jobs share
+    app = Path(__file__).parent / "sweep_app" / "app.py"
+    cmd = [sys.executable, str(app), "-m", "hydra/sweeper=picomaml_optuna", "hydra/launcher=slurm_local"]
+    cmd += [f"hydra.sweep.dir={sweep_dir}", *overrides]
+    sweep_dir.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, cwd=sweep_dir.parent, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_pareto_sweep_on_slurm(slurm_cluster: None, tmp_path: Path) -> None:
+    """The same study with its trials as SLURM jobs (hydra/launcher=slurm_local, 2 at a time), resumed
+    from 4 to 6 trials: the front, best.yaml, the plot and the report as in-process."""
+    repo = Path(__file__).resolve().parents[1]
+    sweep_dir = tmp_path / "slurm_pareto"
+    slurm = (
+        f"hydra.searchpath=[file://{repo / 'conf'}]",
+        "hydra.sweeper.parallelism=2",
+        "hydra.sweeper.sampler.seed=0",
+    )
+    first = _slurm_sweep(sweep_dir, *slurm, *SPACE, *MULTI, ENQUEUE, "hydra.sweeper.n_trials=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {n: dir_digest(sweep_dir / str(n)) for n in range(4)}
+    again = _slurm_sweep(sweep_dir, *slurm, *SPACE, *MULTI, "hydra.sweeper.n_trials=6")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {n: dir_digest(sweep_dir / str(n)) for n in range(4)} == before
+
+    rows = read_trials(sweep_dir)
+    assert [(int(r["number"]), r["state"]) for r in rows] == [(n, "COMPLETE") for n in range(6)]
+    points = {}
+    for r in rows:
+        timing = json.loads((sweep_dir / r["number"] / "timing.json").read_text())
+        assert timing["slurm_job_id"]  # ran as a SLURM job
+        points[int(r["number"])] = (float(r["values_val/loss"]), float(r["values_val/acc"]))
+        assert points[int(r["number"])] == pytest.approx(
+            app_values(float(r["params_x"]), float(r["params_y"]))
+        )
+    front = non_dominated(points)
+    assert {int(r["number"]) for r in rows if r["pareto"] == "True"} == front
+    assert {0, 1} <= front and not {2, 3} & front
+    best = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert {m["number"] for m in best["pareto_front"]} == front
+    assert (sweep_dir / "plots" / "pareto_front.png").stat().st_size > 1000
+    report_main([f"sweep_dir={sweep_dir}"])
+    assert (
+        f"{len(front)} of 6 complete trials are on the Pareto front" in (sweep_dir / "report.md").read_text()
+    )
