@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ class RunPlan:
     datamodule: pl.LightningDataModule
     trainer: pl.Trainer
     resume_from: Path | None
+    # run after a completed fit; its metrics join the result's (picomaml.align tests its policy here)
+    after_fit: Callable[[], dict[str, float]] | None = None
 
 
 def prepare_run(cfg: DictConfig) -> RunPlan:
@@ -216,10 +219,11 @@ class PruningListener:
             raise optuna.TrialPruned(f"pruned at step {step}")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, prepare: Callable[[DictConfig], RunPlan] = prepare_run) -> dict[str, Any]:
     """Run one training job and return `{"metric", "status", "wall_time_s", "tokens_seen", ...}`.
 
-    Nothing in the run dir changes until the whole config has been checked (`prepare_run`): a single
+    `prepare` builds the run from the config (`prepare_run`; `picomaml.align` passes its own).
+    Nothing in the run dir changes until the whole config has been checked (`prepare`): a single
     run whose config is wrong leaves an existing run exactly as it was and no new directory behind.
     After the check, the same dict is written to `<output_dir>/result.json` (also when the job fails) so
     sweep reports can read every job, finished or not; in a multirun, whose job dirs are always new, a
@@ -243,7 +247,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     lock = RunLock(output_dir)
     try:
         try:
-            plan = prepare_run(cfg)
+            plan = prepare(cfg)
         except ConfigError:
             if not multirun:
                 _discard_if_new(output_dir, hydra_cfg)
@@ -261,6 +265,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("resuming from %s", plan.resume_from)
         plan.trainer.fit(plan.module, datamodule=plan.datamodule, ckpt_path=plan.resume_from)
         metrics = {k: float(v) for k, v in plan.trainer.callback_metrics.items()}
+        if plan.after_fit is not None:
+            metrics.update(plan.after_fit())
         result["world_size"] = plan.trainer.world_size  # ranks that trained (devices x num_nodes)
         result.update(
             global_step=plan.trainer.global_step, tokens_seen=plan.module.tokens_seen, metrics=metrics

@@ -7,7 +7,7 @@ Layers, lowest first (a module may import its own layer's and lower layers' modu
 2. ``data``: corpora, packing and the datamodule, which serves SMLMT episodes
 3. ``runs``, ``eval``: the run directory and evaluation, reading what training wrote
 4. ``lit``, ``sweep``: training in Lightning, the optuna sweeper
-5. the entry points (``train``, ``evaluate``, ``export``, ...), ``bench``, ``hydra_plugins``
+5. the entry points (``train``, ``align``, ``evaluate``, ``export``, ...), ``bench``, ``hydra_plugins``
 
 Every import statement counts, at module level or inside a function, so a cycle cannot hide in a
 deferred import.
@@ -78,6 +78,8 @@ GRAPH = {name: _imports(path, _modules()) - {name} for name, path in _modules().
 def test_the_layer_map_covers_the_package() -> None:
     assert {m for m in GRAPH if _layer(m) < TOP} >= {"picomaml.model.pico_decoder", "picomaml.runs"}
     assert "picomaml.train" in GRAPH and _layer("picomaml.train") == TOP
+    # post-training is an entry point: it builds on lit (the training module) and train (the run)
+    assert "picomaml.align.run" in GRAPH and _layer("picomaml.align.run") == TOP
 
 
 @pytest.mark.parametrize("module", sorted(GRAPH))
