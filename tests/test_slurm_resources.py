@@ -162,7 +162,7 @@ def test_partitions_gres_types_and_node_combinations() -> None:
 # on the local cluster
 
 
-def _jobs_from(workdir: Path) -> set[str]:
+def jobs_from(workdir: Path) -> set[str]:
     """Raw ids of the SLURM jobs (queued, running or finished; an array's tasks one by one) submitted
     from ``workdir``: other sessions' jobs on the same cluster are told apart by their working dir."""
     queued = subprocess.run(
@@ -201,7 +201,7 @@ def test_gpu_profile_grid_fails_before_submission(slurm_cluster: None, tmp_path:
     assert "hydra.launcher.gpus_per_node=1 (1 GPU per node)" in out, out[-3000:]
     assert _local_offer() in out and "Nothing was submitted" in out
     assert "Traceback" not in out
-    assert _jobs_from(tmp_path) == set()
+    assert jobs_from(tmp_path) == set()
     assert not list(tmp_path.rglob(".submitit")), "submitit prepared a submission"
 
 
@@ -225,7 +225,7 @@ def test_gpu_profile_optuna_fails_before_the_study(slurm_cluster: None, tmp_path
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "hydra.launcher.gpus_per_node=2 (2 GPUs per node)" in out and _local_offer() in out, out[-3000:]
-    assert _jobs_from(tmp_path) == set()
+    assert jobs_from(tmp_path) == set()
     assert not (sweep_dir / "optuna.db").exists()
 
 
@@ -249,7 +249,7 @@ def test_slurm_local_jobs_get_what_sinfo_sizes(slurm_cluster: None, tmp_path: Pa
     partition = target_partition({"partition": None}, query_partitions())
     want_mem = min(int(n.mem_mb / n.cpus) for n in partition.nodes)
     jobs = [json.loads((sweep_dir / str(i) / "timing.json").read_text())["slurm_job_id"] for i in (0, 1)]
-    assert all(jobs) and set(jobs) == _jobs_from(tmp_path)
+    assert all(jobs) and set(jobs) == jobs_from(tmp_path)
     for job in jobs:
         acct = subprocess.run(
             ["sacct", "-X", "-n", "-P", "-j", job, "-o", "ReqCPUS,ReqMem"],
