@@ -30,6 +30,14 @@ arm saw), ``study_scaling.png`` (every metric against parameter count) and ``stu
 (downstream accuracy against fine-tuning steps)::
 
     python -m picomaml.report sweep_dir=outputs/ar_vs_hybrid/multirun/<date>/<time> study=true
+
+``numeric=true`` reports an ``experiment=attention_compare`` sweep (:mod:`picomaml.eval.compare`):
+``numeric.md`` and ``numeric.csv`` (per sequence kind and length L, 2L, 4L, each arm's number-token
+accuracy and greedy-continuation exact match with 95% CIs over seeds, the paired difference from the
+baseline arm and the step-0 control; arms are the values of ``group_by``, default ``model.attention``)
+and ``numeric_loss_curves.png`` (every arm's loss curves on one figure)::
+
+    python -m picomaml.report sweep_dir=outputs/attention_compare/multirun/<date>/<time> numeric=true
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from picomaml.cli import main_guard, parse_cli_args
+from picomaml.eval.compare import ARM_KEY, write_compare
 from picomaml.eval.study import JobRecord, collect, float_or_none, group_value, sort_key, write_study
 from picomaml.sweep.front import plot_front, read_front
 
@@ -175,7 +184,9 @@ class ReportArgs:
     sweep_dir: a multirun dir (holds one dir per job). group_by: config key to group curves and
     summaries by, e.g. model. metric: metrics.csv column to plot. out: where to write the report
     (default: the sweep dir). study: true reports an experiment=ar_vs_hybrid sweep (study.md,
-    study.csv, study_scaling.png, study_adaptation.png) instead of the plain sweep table.
+    study.csv, study_scaling.png, study_adaptation.png) instead of the plain sweep table. numeric: true
+    reports an experiment=attention_compare sweep (numeric.md, numeric.csv, numeric_loss_curves.png),
+    its arms the values of group_by (default model.attention).
     """
 
     sweep_dir: str
@@ -183,6 +194,7 @@ class ReportArgs:
     metric: str = "val/loss"
     out: str | None = None
     study: bool = False
+    numeric: bool = False
 
 
 def _main(argv: list[str]) -> dict[str, Path]:
@@ -190,7 +202,11 @@ def _main(argv: list[str]) -> dict[str, Path]:
     if not Path(args.sweep_dir).is_dir():
         raise FileNotFoundError(f"sweep_dir={args.sweep_dir} is not a directory")
     out = Path(args.out) if args.out else None
-    if args.study:
+    if args.study and args.numeric:
+        raise ValueError("study=true and numeric=true are two different reports: choose one")
+    if args.numeric:
+        written = write_compare(Path(args.sweep_dir), out, args.group_by or ARM_KEY)
+    elif args.study:
         written = write_study(Path(args.sweep_dir), out)
     else:
         written = write_report(Path(args.sweep_dir), args.group_by, args.metric, out)

@@ -194,3 +194,25 @@ def test_config_checks_and_run_setup() -> None:
         run_numeric_setup(wiki, NumericConfig())
     assert run_numeric_setup(wiki, NumericConfig(train_terms=6)) == (6, SYNTHETIC_KINDS)
     assert SyntheticCorpus.max_terms == 32  # the default L of a run that sets no corpus_options
+
+
+def test_pico_decoder_fast_path_matches_the_generic_one(tokenizer) -> None:
+    """A real (random, seeded) PicoDecoder scored the fast way (logits at number tokens only, KV-cached
+    greedy decoding) and as a plain logits function give the same counts and continuations."""
+    from picomaml.model import ModelConfig, PicoDecoder
+
+    torch.manual_seed(0)
+    model = PicoDecoder(
+        ModelConfig(
+            d_model=32, n_layers=2, attention_n_heads=4, attention_n_kv_heads=2, activation_hidden_dim=64
+        )
+    ).eval()
+    with torch.no_grad():  # a sharper random model, so greedy decoding emits numbers and commas too
+        model.de_embedding_proj.weight.mul_(50)
+    sequences = [s for k in SYNTHETIC_KINDS for s in make_sequences(k, 6, 3, seed=5)]
+    rows = [encode_with_number_mask(tokenizer, s, 2) for s in sequences]
+    generic = lambda ids: model(ids)  # noqa: E731 (not a PicoDecoder: the generic path)
+    pad = tokenizer.pad_token_id
+    assert number_token_hits(model, rows, pad, "cpu", 4) == number_token_hits(generic, rows, pad, "cpu", 4)
+    fast = continuation_scores(model, tokenizer, sequences, 2, "cpu", model.config.max_seq_len)
+    assert fast == continuation_scores(generic, tokenizer, sequences, 2, "cpu")

@@ -17,18 +17,24 @@ Per run (file names end in the run's directory name):
   with column-centred X, Y [n, d]: 1 for representations equal up to rotation and isotropic scaling.
 - ``embedding_pca_<run>.png``: the token embedding matrix projected on its top two principal components;
   the most frequent tokens of the run's training data are drawn and labelled.
-- ``attention_<run>.png``: attention probabilities of one layer and head for a prompt, recomputed from
-  the model's own ``q_proj``/``k_proj`` and RoPE (the fused attention kernel never materialises them).
+- ``attention_<run>.png``: the attention map of one layer and head for a prompt, from the attention
+  module's own ``attention_weights`` (the fused kernels never materialise it): softmax probabilities, or
+  for ``model.attention=linear`` the implied kernel weights (which RoPE can make negative).
+
+Runs trained on ``data=synthetic`` also get the number-sequence figures of
+:mod:`picomaml.eval.numeric_analysis` (number-token and sequence-kind PCA, SwiGLU unit selectivity
+across sequence kinds) and a selectivity table in the summary; their attention prompt defaults to an
+arithmetic sequence.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +42,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
 from picomaml.model import ModelConfig, PicoDecoder
-from picomaml.model.pico_decoder import apply_rope, rope_rotations
+from picomaml.model.pico_decoder import rope_rotations
 from picomaml.runs import (
     TRAINING_CONFIG,
     LoadedRun,
@@ -47,6 +53,8 @@ from picomaml.runs import (
 )
 
 DEFAULT_PROMPT = "The history of the city begins with a small village on the river, where"
+NUMERIC_PROMPT = "arithmetic: 7, 12, 17, 22, 27, 32, 37, 42, 47, 52"
+"""The attention prompt of a run trained on ``data=synthetic`` when no prompt is given."""
 
 
 @dataclass
@@ -260,11 +268,11 @@ def plot_embedding_pca(loaded: LoadedRun, name: str, out: Path, n_tokens: int = 
 
 
 def attention_probs(model: PicoDecoder, input_ids: torch.Tensor, layer: int, head: int) -> torch.Tensor:
-    """Causal attention probabilities [B, T, T] of query head ``head`` in layer ``layer``.
+    """Causal attention map [B, T, T] of query head ``head`` in layer ``layer``.
 
-    The attention module's input (after ``attention_norm``) is captured with a forward hook; q and k are
-    recomputed with the module's own projections and RoPE, and query head h reads kv head h // (H / K),
-    as the model's grouped-query attention does.
+    The attention module's input (after ``attention_norm``) is captured with a forward hook and handed to
+    the module's own ``attention_weights`` (softmax probabilities; for linear attention the implied kernel
+    weights), so the map is the one that layer computes, for either attention kind.
     """
     attention = model.layers[layer].attention
     if not 0 <= head < attention.n_heads:
@@ -277,16 +285,9 @@ def attention_probs(model: PicoDecoder, input_ids: torch.Tensor, layer: int, hea
     finally:
         handle.remove()
     x = captured["x"]
-    B, T, _ = x.shape
-    E, K = attention.head_dim, attention.n_kv_heads
-    rope = rope_rotations(E, model.config.position_emb_theta, 0, T, x.device)
+    rope = rope_rotations(attention.head_dim, model.config.position_emb_theta, 0, x.shape[1], x.device)
     with torch.no_grad():
-        q = apply_rope(attention.q_proj(x).view(B, T, attention.n_heads, E), rope)[:, :, head]
-        kv_head = head // (attention.n_heads // K)
-        k = apply_rope(attention.k_proj(x).view(B, T, K, E), rope)[:, :, kv_head]
-        scores = (q.float() @ k.float().transpose(1, 2)) / math.sqrt(E)  # [B, T, T]
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        return attention.attention_weights(x, rope)[:, head]
 
 
 def plot_attention(
@@ -300,14 +301,18 @@ def plot_attention(
     tokenizer = load_tokenizer(loaded.tokenizer_name)
     ids = tokenizer.encode(prompt)[: loaded.model_config.max_seq_len]
     probs = attention_probs(loaded.model, torch.tensor([ids]), layer, head)[0].numpy()
+    # linear attention's implied weights can be negative (RoPE in the numerator): a diverging scale then
+    low, high, cmap = (0, 1, "magma") if probs.min() >= 0 else (-abs(probs).max(), abs(probs).max(), "RdBu_r")
     labels = [repr(tokenizer.decode([t]))[1:-1] for t in ids]
     size = max(5.0, 0.3 * len(ids))
     fig = Figure(figsize=(size + 1, size))
     ax = fig.subplots()
-    image = ax.imshow(probs, vmin=0, vmax=1, cmap="magma")
+    image = ax.imshow(probs, vmin=low, vmax=high, cmap=cmap)
     ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(len(ids)), labels, fontsize=7)
-    ax.set(xlabel="key", ylabel="query", title=f"{name}: layer {layer} head {head}, step {loaded.step}")
+    kind = loaded.model_config.attention
+    title = f"{name} ({kind} attention): layer {layer} head {head}, step {loaded.step}"
+    ax.set(xlabel="key", ylabel="query", title=title)
     fig.colorbar(image, ax=ax)
     return _save(fig, out / f"attention_{name}.png")
 
@@ -323,13 +328,16 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def analyze(
     path: str | Path,
-    prompt: str = DEFAULT_PROMPT,
+    prompt: str | None = None,
     layer: int = 0,
     head: int = 0,
     cka_layer: str = "swiglu.w_2",
     n_tokens: int = 300,
 ) -> Path:
-    """Write every figure the run or sweep at ``path`` has data for and ``summary.md``; returns its path."""
+    """Write every figure the run or sweep at ``path`` has data for and ``summary.md``; returns its path.
+
+    ``prompt`` None: :data:`NUMERIC_PROMPT` for runs trained on ``data=synthetic``, else
+    :data:`DEFAULT_PROMPT`."""
     path = Path(path)
     runs = find_runs(path)
     if not any(run.metrics or checkpoint_steps_available(run.path) for run in runs):
@@ -339,6 +347,7 @@ def analyze(
         )
     out = path / "analysis"
     out.mkdir(exist_ok=True)
+    selectivity: dict[str, tuple[str, Any]] = {}  # run name -> (attention kind, Selectivity)
     sections: list[tuple[str, Path | None, str]] = [
         ("Loss curves", plot_loss_curves(runs, out), "no loss metrics logged"),
         ("Meta-learning accuracy", plot_meta_accuracy(runs, out), "no meta/*acc* metric logged"),
@@ -359,11 +368,67 @@ def analyze(
             continue
         figure, source = plot_embedding_pca(loaded, run.name, out, n_tokens)
         sections.append((f"{run.name}: embedding PCA ({source})", figure, ""))
-        attention = plot_attention(loaded, run.name, out, prompt, layer, head)
-        sections.append((f"{run.name}: attention for {prompt!r}", attention, ""))
+        synthetic = loaded.train_config.data.get("corpus") == "synthetic"
+        text = prompt if prompt is not None else NUMERIC_PROMPT if synthetic else DEFAULT_PROMPT
+        attention = plot_attention(loaded, run.name, out, text, layer, head)
+        kind = loaded.model_config.attention
+        sections.append((f"{run.name}: {kind} attention for {text!r}", attention, ""))
+        if synthetic:
+            sections += _numeric_sections(loaded, run.name, out, selectivity)
     summary = out / "summary.md"
-    summary.write_text(_summary(path, runs, sections))
+    summary.write_text(_summary(path, runs, sections) + _selectivity_table(selectivity))
     return summary
+
+
+def _numeric_sections(
+    loaded: LoadedRun, name: str, out: Path, selectivity: dict[str, tuple[str, Any]]
+) -> list[tuple[str, Path | None, str]]:
+    """The number-sequence figures of a ``data=synthetic`` run (:mod:`picomaml.eval.numeric_analysis`),
+    on sequences of the run's training length L; records the run's selectivity for the summary table."""
+    from picomaml.data import load_tokenizer
+    from picomaml.eval.numeric import NumericConfig, run_numeric_setup
+    from picomaml.eval.numeric_analysis import numeric_figures
+
+    train_terms, kinds = run_numeric_setup(loaded.train_config, NumericConfig())
+    if len(kinds) < 2:
+        return [(f"{name}: number sequences", None, "selectivity across kinds needs two kinds or more")]
+    tokenizer = load_tokenizer(loaded.tokenizer_name)
+    pca, figure, result = numeric_figures(loaded.model, tokenizer, name, out, kinds, train_terms)
+    selectivity[name] = (loaded.model_config.attention, result)
+    return [
+        (f"{name}: number-token and sequence-kind PCA ({train_terms}-term sequences)", pca, ""),
+        (f"{name}: SwiGLU unit selectivity across sequence kinds", figure, ""),
+    ]
+
+
+def _selectivity_table(selectivity: dict[str, tuple[str, Any]]) -> str:
+    """Per run: mean selectivity index over all SwiGLU units, the share with SI >= 0.5 and, per kind,
+    how many units prefer it with SI >= 0.5 (see :mod:`picomaml.eval.numeric_analysis`)."""
+    if not selectivity:
+        return ""
+    from picomaml.eval.numeric_analysis import SELECTIVE
+
+    kinds = list(dict.fromkeys(k for _, result in selectivity.values() for k in result.kinds))
+    lines = [
+        "",
+        "## Neuron selectivity across sequence kinds",
+        "",
+        "SI = (a_max - a_rest) / (a_max + a_rest) per SwiGLU unit, a = mean |activation| over the number "
+        f"tokens of each kind's sequences; *selective*: SI >= {SELECTIVE}; the kind columns count the "
+        "selective units that prefer that kind.",
+        "",
+        "| run | attention | units | mean SI | selective | " + " | ".join(kinds) + " |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(kinds),
+    ]
+    for name, (kind, result) in selectivity.items():
+        counts = result.counts()
+        share = float((result.index >= SELECTIVE).mean())
+        lines.append(
+            f"| {name} | {kind} | {result.index.size} | {result.index.mean():.3f} | {share:.1%} | "
+            + " | ".join(str(counts.get(k, 0)) for k in kinds)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _summary(path: Path, runs: Sequence[RunInfo], sections: Sequence[tuple[str, Path | None, str]]) -> str:

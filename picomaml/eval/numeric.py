@@ -53,6 +53,8 @@ import numpy as np
 import torch
 
 from picomaml.data.corpora import SYNTHETIC_KINDS, SyntheticCorpus
+from picomaml.model import PicoDecoder
+from picomaml.model.generation import generate
 
 GEOMETRIC_MAX_TERMS = 12
 """Longest geometric sequence :class:`~picomaml.data.corpora.SyntheticCorpus` generates."""
@@ -60,7 +62,9 @@ CONTINUATION_SLACK = 2
 """Tokens generated beyond the true continuation's length (see the module docstring)."""
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-"""Anything that maps input ids [B, T] to next-token logits [B, T, V]: a PicoDecoder, or a test oracle."""
+"""Anything that maps input ids [B, T] to next-token logits [B, T, V]: a PicoDecoder, or a test oracle.
+A :class:`~picomaml.model.PicoDecoder` is run the fast way (logits only where they are scored, KV-cached
+decoding); anything else is called on whole sequences. Both give the same predictions."""
 
 
 @dataclass
@@ -213,9 +217,15 @@ def number_token_hits(
         for i, (row_ids, row_mask) in enumerate(chunk):
             ids[i, : len(row_ids)] = torch.tensor(row_ids)
             mask[i, : len(row_mask)] = torch.tensor(row_mask)
-        predicted = model(ids[:, :-1].to(device)).argmax(dim=-1).cpu()  # [B, T-1]: guesses for 1..T-1
-        target_mask = mask[:, 1:]
-        correct += int(((predicted == ids[:, 1:]) & target_mask).sum())
+        target_mask = mask[:, 1:]  # token t (t >= 1) is predicted at position t - 1
+        inputs = ids[:, :-1].to(device)
+        if isinstance(model, PicoDecoder):
+            # the vocabulary projection only where a number token is predicted ([N, V], not [B, T, V])
+            hidden = model.hidden_states(inputs)[target_mask.to(device)]
+            predicted = model.de_embedding_proj(hidden).argmax(dim=-1).cpu()
+        else:
+            predicted = model(inputs).argmax(dim=-1).cpu()[target_mask]
+        correct += int((predicted == ids[:, 1:][target_mask]).sum())
         scored += int(target_mask.sum())
     return correct, scored
 
@@ -226,8 +236,9 @@ def greedy_continue(
 ) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (token ids), ``max_new[i]`` tokens each at most, stopping at eos.
 
-    Prompts of equal length are decoded together; each step re-runs the whole sequence (the documents
-    are short), so any :data:`LogitsFn` works, with the same tokens as KV-cached decoding."""
+    Prompts of equal length are decoded together: a PicoDecoder with KV-cached
+    :func:`~picomaml.model.generation.generate`, any other :data:`LogitsFn` by re-running the whole
+    sequence each step (``generate``'s ``use_cache=False`` path, which gives the same tokens)."""
     out: list[list[int]] = [[] for _ in prompts]
     groups: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
@@ -235,14 +246,17 @@ def greedy_continue(
     for members in groups.values():
         tokens = torch.tensor([prompts[i] for i in members], dtype=torch.long, device=device)
         steps = max(max_new[i] for i in members)
-        done = torch.zeros(len(members), dtype=torch.bool, device=device)
-        for _ in range(steps):
-            next_ids = model(tokens)[:, -1].argmax(dim=-1)
-            next_ids = torch.where(done, eos_id, next_ids)
-            done |= next_ids == eos_id
-            tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-            if bool(done.all()):
-                break
+        if isinstance(model, PicoDecoder):
+            tokens = generate(model, tokens, max_new_tokens=steps, eos_token_id=eos_id)
+        else:
+            done = torch.zeros(len(members), dtype=torch.bool, device=device)
+            for _ in range(steps):
+                next_ids = model(tokens)[:, -1].argmax(dim=-1)
+                next_ids = torch.where(done, eos_id, next_ids)
+                done |= next_ids == eos_id
+                tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
+                if bool(done.all()):
+                    break
         for row, i in enumerate(members):
             new = tokens[row, len(prompts[i]) :].tolist()[: max_new[i]]
             out[i] = new[: new.index(eos_id)] if eos_id in new else new
