@@ -395,16 +395,16 @@ def check_fits(cfg: DictConfig) -> MemoryEstimate | None:
     if limit_gb is not None and not (isinstance(limit_gb, (int, float)) and limit_gb > 0):
         raise ConfigError(f"memory_limit_gb={limit_gb!r}: must be a positive number of GB, or null")
     limit = int(limit_gb * GB) if limit_gb is not None else machine_memory_bytes(estimate.device_type)
-    where = (
-        "memory_limit_gb"
-        if limit_gb is not None
-        else ("this GPU's memory" if estimate.device_type == "cuda" else "this machine's memory")
-    )
+    if limit_gb is not None:
+        where = f"memory_limit_gb {_num(limit_gb)} GB"
+    else:
+        device = "this GPU's memory" if estimate.device_type == "cuda" else "this machine's memory"
+        where = f"{device} {limit / GB:.1f} GB"
     need = estimate.machine_bytes
     if need > limit:
         per = f" ({estimate.devices} processes)" if need != estimate.peak_bytes else ""
         raise ConfigError(
-            f"predicted peak memory {need / GB:.1f} GB{per} > {where} {limit / GB:.1f} GB "
+            f"predicted peak memory {need / GB:.1f} GB{per} > {where} "
             f"[{estimate.summary()}]; lower data.batch_size or data.seq_len, or override with "
             "memory_check=false (or memory_limit_gb=<GB>)"
         )

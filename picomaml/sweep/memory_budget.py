@@ -9,8 +9,10 @@ Three things, kept here so the sweeper only calls in at two points (before a lau
   attribute and ``status`` ``over_budget`` (both in ``trials.csv``).
 * **Out of memory at run time.** A trial whose job raised ``torch.OutOfMemoryError`` (CUDA), ran out of
   CPU memory (``DefaultCPUAllocator: not enough memory``), or was killed by SLURM for going over its
-  memory (job state ``OUT_OF_MEMORY``, as submitit reports it) ends alone with ``status`` ``oom``; the
-  study goes on.
+  memory ends alone with ``status`` ``oom``; the study goes on. SLURM kills a job over its ``--mem``
+  with cgroups (``OUT_OF_MEMORY``) or, without, with ``JobAcctGatherParams=OverMemoryKill`` (slurmstepd:
+  "Exceeded job memory limit", sacct: FAILED); submitit's error quotes the job's stderr, where both say
+  so (launchers/slurm_local_cluster.sh turns OverMemoryKill on).
 * **The samplers are told.** Every launched trial carries the constraint ``memory_budget`` =
   predicted GB - budget (<= 0: feasible) before it runs, an over-budget trial the same (> 0), and an
   out-of-memory trial the constraint ``oom`` = 1 (optuna's ``Trial.set_constraint``, stored as the system
@@ -52,7 +54,11 @@ _OOM_MARKERS = (
     "CUDA out of memory",
     "DefaultCPUAllocator: not enough memory",
     "DefaultCPUAllocator: can't allocate memory",
-    "OUT_OF_MEMORY",  # SLURM's job state after an over-memory kill (sacct, submitit's error)
+    # SLURM's over-memory kills, as submitit's error for a job that left no result quotes them:
+    "exceeded memory limit",  # slurmstepd, JobAcctGatherParams=OverMemoryKill: "StepId=.. exceeded
+    "Exceeded job memory limit",  # memory limit (N > M), being killed", then "Exceeded job memory limit"
+    "oom-kill event",  # slurmstepd, cgroup enforcement (the kernel's OOM killer in the job's cgroup)
+    "OUT_OF_MEMORY",  # the job state sacct reports after a cgroup OOM kill
 )
 
 
@@ -106,9 +112,12 @@ def record_oom(study: optuna.Study, trial: optuna.Trial, error: str) -> str:
     """Tell the study that ``trial`` ran out of memory (status ``oom``, constraint ``oom`` = 1)."""
     from optuna.trial import TrialState
 
-    trial.set_user_attr(ERROR_ATTR, error[:2000])
+    # a killed job's error quotes its whole stderr: lead with the line that says why it died
+    why = next((line.strip() for line in error.splitlines() if is_oom_error(line)), "")
+    first = error.splitlines()[0] if error else ""
+    trial.set_user_attr(ERROR_ATTR, (first if why in first else f"{why} | {first}")[:2000])
     trial.set_user_attr(STATUS_ATTR, OOM)
     trial.set_constraint(OOM_CONSTRAINT, 1.0)
     study.tell(trial, state=TrialState.PRUNED)
-    log.error(f"trial {trial.number} ran out of memory: {error.splitlines()[0] if error else ''}")
+    log.error(f"trial {trial.number} ran out of memory: {why or first}")
     return "OOM"
