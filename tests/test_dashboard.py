@@ -80,10 +80,13 @@ def dashboard_study(base: str, name: str) -> tuple[dict[str, Any], dict[str, Any
     return matching[0], _get(f"{base}/api/studies/{matching[0]['study_id']}")
 
 
-def test_dashboard_shows_a_picomaml_sweep(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_dashboard_shows_a_picomaml_sweep(tmp_path: Path, storage: str) -> None:
     """A 4-trial study through picomaml's sweeper (in-process launcher, one trial raises), then the
-    dashboard on its storage."""
+    dashboard on its storage: the default SQLite file, or a journal file (``hydra.sweeper.storage=
+    journal:<file>``, which the dashboard takes as the bare path)."""
     sweep_dir = tmp_path / "sweep"
+    journal = sweep_dir / "journal.log"
     cmd = [
         sys.executable,
         str(APP),
@@ -100,6 +103,7 @@ def test_dashboard_shows_a_picomaml_sweep(tmp_path: Path) -> None:
         "hydra.sweeper.plots=false",
         "steps=2",
         "step_sleep=0",
+        *([f"hydra.sweeper.storage=journal:{journal}"] if storage == "journal" else []),
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -107,8 +111,10 @@ def test_dashboard_shows_a_picomaml_sweep(tmp_path: Path) -> None:
         rows = list(csv.DictReader(f))
     assert [r["state"] for r in rows] == ["FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
 
-    # the storage URL the sweeper wrote, as a user types it
-    with serve_dashboard(f"sqlite:///{sweep_dir / 'optuna.db'}") as base:
+    # the storage the sweeper wrote, as a user types it
+    url = f"sqlite:///{sweep_dir / 'optuna.db'}" if storage == "sqlite" else str(journal)
+    assert not (sweep_dir / ("journal.log" if storage == "sqlite" else "optuna.db")).exists()
+    with serve_dashboard(url) as base:
         summary, detail = dashboard_study(base, "dash")
     assert summary["directions"] == ["minimize"]
     assert detail["name"] == "dash"
