@@ -186,6 +186,40 @@ def test_neuron_selectivity_from_activations() -> None:
     assert result.counts() == {"counting": 1, "alternating": 1}
 
 
+def test_linear_attention_map_reproduces_the_layer_output() -> None:
+    """The map analyze draws for linear attention (the implied kernel weights) is the one the layer
+    applies: weights @ values through o_proj give the attention module's own output."""
+    from picomaml.eval.analysis import attention_probs
+    from picomaml.model import ModelConfig, PicoDecoder
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        d_model=32,
+        n_layers=2,
+        attention_n_heads=4,
+        attention_n_kv_heads=2,
+        activation_hidden_dim=64,
+        vocab_size=64,
+        max_seq_len=16,
+        attention="linear",
+    )
+    model = PicoDecoder(config).eval()
+    ids = torch.randint(0, 64, (1, 10))
+    attention = model.layers[1].attention
+    seen = {}
+    handle = attention.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    weights = torch.stack([attention_probs(model, ids, 1, h)[0] for h in range(4)])  # [H, T, T]
+    assert torch.all(weights.triu(1) == 0)
+    v = attention.v_proj(seen["x"]).view(1, 10, 2, 8)[0].detach()  # [T, K, E]
+    heads = torch.stack([weights[h] @ v[:, h // 2] for h in range(4)], dim=1)  # [T, H, E]
+    with torch.no_grad():
+        rebuilt = attention.o_proj(heads.reshape(1, 10, 32))
+    torch.testing.assert_close(rebuilt, seen["out"], rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 
