@@ -29,7 +29,7 @@ from picomaml.model.pico_decoder import (
     linear_attention_recurrent,
     rope_rotations,
 )
-from picomaml.train import prepare_run
+from picomaml.train import prepare_run, train
 from tests.helpers import compose_train, tiny_overrides, write_word_corpus
 
 
@@ -296,34 +296,34 @@ def test_linear_model_trains_meta_learns_resumes_generates_and_evaluates(
     its last checkpoint; then generate (cache == recomputation), evaluate (perplexity and meta-test) and
     export (refused in one line) on the run dir."""
     from picomaml.evaluate import main as evaluate_main
-    from picomaml.runs import load_run
+    from picomaml.runs import load_run, resume_checkpoint
 
     corpus = write_word_corpus(tmp_path / "words.jsonl")
     overrides = [o for o in tiny_overrides(corpus) if o != "~callbacks.learning_dynamics"] + [
         "model.attention=linear",
         "meta=5way4shot",
         "meta.hybrid_ratio=0.5",
+        "meta.hybrid_mode=sum",  # both losses at every step
         "meta.window_len=32",
         "meta.tasks_per_step=1",
         "trainer.max_steps=2",
         "callbacks.learning_dynamics.val_batch_size=2",
+        "~callbacks.periodic_eval",  # evaluate runs below
     ]
     run_dir = tmp_path / "run"
-    plan = prepare_run(compose_train(overrides, run_dir, cache_dir))
-    assert isinstance(plan.module.model.layers[0].attention, LinearAttention)
-    plan.trainer.fit(plan.module, datamodule=plan.datamodule)
-    assert plan.trainer.global_step == 2
+    result = train(compose_train(overrides, run_dir, cache_dir))
+    assert result["status"] == "completed" and result["global_step"] == 2
     step_dir = run_dir / "checkpoints" / "step_2"
     assert (step_dir / "checkpoint.ckpt").is_file() and not (step_dir / "model.safetensors").exists()
     dynamics = torch.load(step_dir / "learning_dynamics" / "train_activations.pt", weights_only=True)
     assert any(name.endswith("attention.v_proj") for name in dynamics)
+    metrics = (run_dir / "csv" / "metrics.csv").read_text()
+    assert "train/loss_meta" in metrics and "train/loss_ar" in metrics
 
-    # resume: the same command with two more steps continues from last.ckpt
-    resumed = [o for o in overrides if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=4"]
-    plan = prepare_run(compose_train(resumed, run_dir, cache_dir))
-    assert plan.resume_from is not None
-    plan.trainer.fit(plan.module, datamodule=plan.datamodule, ckpt_path=plan.resume_from)
-    assert plan.trainer.global_step == 4
+    # the same command with two more steps resumes from last.ckpt
+    assert resume_checkpoint(None, run_dir) == run_dir / "checkpoints" / "last.ckpt"
+    resumed = [o for o in overrides if o != "trainer.max_steps=2"] + ["trainer.max_steps=4"]
+    assert train(compose_train(resumed, run_dir, cache_dir))["global_step"] == 4
 
     run = load_run(str(run_dir), None)
     assert run.model_config.attention == "linear" and run.step == 4
