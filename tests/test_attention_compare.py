@@ -40,7 +40,9 @@ def test_experiment_config() -> None:
     assert cfg.callbacks.final_eval._target_ == "picomaml.lit.final_eval.FinalEvaluation"
     assert list(cfg.callbacks.final_eval.suite) == ["lm", "numeric"]
     assert list(cfg.callbacks.final_eval.numeric.lengths) == [1, 2, 4]
-    assert cfg.callbacks.final_eval.control_step == 0 and cfg.callbacks.model_checkpoint.log_spaced_until == 0
+    assert (
+        cfg.callbacks.model_checkpoint.log_spaced_until == 0
+    )  # step 0 is saved: control_step=0 can score it
     assert "attention_compare/multirun" in cfg.hydra.sweep.dir
     # equal tokens: the arm changes the attention only, never the batch, the context or the step count
     for attention in ("softmax", "linear"):
@@ -50,7 +52,7 @@ def test_experiment_config() -> None:
                 overrides=["experiment=attention_compare", f"model.attention={attention}"],
             )
         assert arm.model.attention == attention
-        assert (arm.data.batch_size, arm.data.seq_len, arm.trainer.max_steps) == (16, 64, 64)
+        assert (arm.data.batch_size, arm.data.seq_len, arm.trainer.max_steps) == (4, 64, 200)
 
 
 # ------------------------------------------------------------------------ the report on a fake sweep
@@ -248,6 +250,7 @@ def test_tiny_attention_compare_end_to_end(tmp_path: Path, cache_dir: Path) -> N
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "callbacks.final_eval.max_docs=4",
+        "callbacks.final_eval.control_step=0",
         "callbacks.final_eval.numeric.per_kind=2",
         "callbacks.final_eval.numeric.lengths=[1,2]",
         "callbacks.final_eval.numeric.continuation_terms=2",
