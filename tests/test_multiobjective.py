@@ -245,6 +245,7 @@ def test_objective_values_and_returned_values() -> None:
         objective_values(["val/loss", "meta_test/acc"], metrics)
     assert check_returned([1.0, 2], 2) == ([1.0, 2.0], None)
     assert check_returned(3, 1) == ([3.0], None)
+    assert check_returned([3], 1) == ([3.0], None)  # optimized_metric=[val/loss] with one direction
     assert check_returned(1.0, 2) == (None, "returned 1.0, not a list of 2 numbers (one per direction)")
     assert check_returned([1.0, float("nan")], 2) == (None, "returned [1.0, nan]")
     assert check_returned(float("inf"), 1) == (None, "returned inf")

@@ -118,11 +118,13 @@ def check_pruner(pruner_name: str, directions: Sequence[str]) -> None:
 def check_returned(raw: Any, n_objectives: int) -> tuple[list[float] | None, str | None]:
     """A task's return value as ``n_objectives`` finite floats, or ``(None, why not)``.
 
-    One objective takes a number; several take a list or tuple of that many numbers.
+    One objective takes a number (or a list of one: ``optimized_metric=[val/loss]``); several take a
+    list or tuple of that many numbers.
     """
-    if n_objectives == 1:
+    sequence = isinstance(raw, (list, tuple, ListConfig))
+    if n_objectives == 1 and not (sequence and len(raw) == 1):
         items = [raw]
-    elif isinstance(raw, (list, tuple, ListConfig)) and len(raw) == n_objectives:
+    elif sequence and len(raw) == n_objectives:
         items = list(raw)
     else:
         return None, f"returned {raw!r}, not a list of {n_objectives} numbers (one per direction)"
