@@ -111,6 +111,11 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=$NODE
 AccountingStoragePort=6819
 JobAcctGatherType=jobacct_gather/linux
+# kill a job step whose processes' resident memory (polled every 30 s) exceeds the job's --mem, also
+# without cgroups: slurmstepd writes "Exceeded job memory limit" to the job's stderr and sacct says
+# FAILED, exit signal 9 (with SLURM_CGROUP=1 the kernel's OOM killer acts first: OUT_OF_MEMORY);
+# picomaml's sweeper records such a trial as status oom
+JobAcctGatherParams=OverMemoryKill
 JobCompType=jobcomp/none
 # submitit requeues preempted and timed-out jobs with 'scontrol requeue'
 JobRequeue=1

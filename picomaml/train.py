@@ -39,6 +39,7 @@ from picomaml.lit.checkpoint_io import AtomicCheckpointIO
 from picomaml.lit.checkpointing import StepCheckpoints
 from picomaml.lit.dynamics import LearningDynamics, match_modules
 from picomaml.lit.loggers import ResumableCSVLogger
+from picomaml.lit.memory import check_fits, is_out_of_memory
 from picomaml.lit.module import DivergenceError, PicoLitModule
 from picomaml.lit.optim import OptimConfig
 from picomaml.lit.slurm import check_slurm_tasks, preemption_callbacks, submitit_plugins
@@ -88,6 +89,8 @@ def prepare_run(cfg: DictConfig) -> RunPlan:
         raise ConfigError(
             f"trainer.max_steps must be a positive number of steps, got {cfg.trainer.max_steps}"
         )
+    # a run predicted over the machine's memory stops here, not at its first step (memory_check=false)
+    check_fits(cfg)
 
     resume_from = resume_checkpoint(cfg.ckpt_path, output_dir)
     resume_step = None if resume_from is None else check_architecture(resume_from, model_config)
@@ -280,6 +283,8 @@ def train(cfg: DictConfig, prepare: Callable[[DictConfig], RunPlan] = prepare_ru
             result["status"] = "pruned"
         elif isinstance(err, DivergenceError):
             result.update(status="diverged", diverged_at_step=err.step)
+        elif is_out_of_memory(err):
+            result["status"] = "oom"  # sweeps record the trial as oom (picomaml.sweep.memory_budget)
         raise
     finally:
         result["wall_time_s"] = time.time() - start

@@ -252,7 +252,7 @@ def test_sweep_skips_over_budget_trials_and_records_oom_alone(tmp_path: Path, ca
         "hydra.sweeper.plots=false",
         f"hydra.sweeper.memory_budget_gb={budget}",
         "model=choice(tiny,65m)",
-        f"+callbacks.hog._target_={__name__}.AllocateAtStep",
+        "+callbacks.hog._target_=tests.test_memory.AllocateAtStep",
         f"+callbacks.hog.nbytes=choice(0,{2**50})",
         f"paths.cache_dir={cache_dir}",
     ]

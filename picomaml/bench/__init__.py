@@ -4,6 +4,7 @@
 - ``meta``: a MAML step against an AR step over the same rows and tokens.
 - ``sweep``: an optuna study's per-trial overheads, asynchronous trials vs blocking batches.
 - ``downstream``: few-shot scoring of a model on the real labelled tasks (encoding vs adaptation time).
+- ``memory``: predicted (picomaml.lit.memory) vs measured peak memory of real training runs.
 
 Each writes JSON (``out=``) and prints it. Performance is measured here, never by timed tests.
 """
@@ -14,6 +15,7 @@ import sys
 from collections.abc import Callable
 
 from picomaml.bench.downstream import bench_downstream
+from picomaml.bench.memory import bench_memory
 from picomaml.bench.meta import bench_meta
 from picomaml.bench.sweep import bench_sweep
 from picomaml.bench.train import bench_train
@@ -23,6 +25,7 @@ COMMANDS: dict[str, Callable[[list[str]], dict[str, object]]] = {
     "meta": bench_meta,
     "sweep": bench_sweep,
     "downstream": bench_downstream,
+    "memory": bench_memory,
 }
 
 

@@ -78,7 +78,7 @@ from picomaml.model import ModelConfig
 GB = 1e9
 # Resident size of a CPU training process before its model exists (see the module docstring), measured
 # by `python -m picomaml.bench memory` on the project's 2-core machine (torch 2.13 CPU, Lightning 2.6.6,
-# the embedded wiki data): 0.62 to 0.64 GB. The bench prints the value measured where it runs.
+# the embedded wiki data): 0.630 GB in two runs, rounded up. The bench prints what it measures where it runs.
 CPU_RUNTIME_BYTES = int(0.64 * GB)
 LOSS_CHUNK_TOKENS = 1024  # picomaml.model.pico_decoder._LOSS_CHUNK_TOKENS (1024-token loss chunks)
 

@@ -112,6 +112,10 @@ class PicomamlOptunaSweeperConf:
     enqueue: list[dict[str, Any]] = field(default_factory=list)
     # write optuna plots (HTML and PNG) to <sweep dir>/plots when the sweep ends
     plots: bool = True
+    # GB one trial may use (per node: every local process on the CPU, one GPU on CUDA); a trial whose
+    # predicted peak (picomaml.lit.memory) is higher is not launched and ends with status over_budget
+    # ("predicts 31.2 GB > budget 24 GB"); null: no budget. See picomaml.sweep.memory_budget.
+    memory_budget_gb: float | None = None
 
 
 ConfigStore.instance().store(

@@ -50,6 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from picomaml.sweep import results
 from picomaml.sweep.cluster import check_launcher
+from picomaml.sweep.memory_budget import MemoryBudget, is_oom_error, record_oom
 from picomaml.sweep.objectives import check_pruner, check_returned, metric_names, resolve_directions
 from picomaml.sweep.reporter import SWEEP_KEY
 from picomaml.sweep.space import (
@@ -127,6 +128,7 @@ class OptunaSweeperImpl:
         plots: bool,
         schedule: str = "async",
         directions: Any = None,
+        memory_budget_gb: float | None = None,
     ) -> None:
         self.study_name = study_name
         self.storage = storage
@@ -145,6 +147,9 @@ class OptunaSweeperImpl:
         self.enqueue: list[dict[str, Any]] = _plain(enqueue, [])
         self.plots = plots
         self.schedule = schedule
+        # trials predicted over this many GB are not launched (picomaml.sweep.memory_budget)
+        self.memory_budget_gb = memory_budget_gb
+        self.memory_budget: MemoryBudget | None = None
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.launcher: Launcher | None = None
@@ -172,6 +177,11 @@ class OptunaSweeperImpl:
             raise SweepConfigError(
                 f"hydra.sweeper.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
             )
+        if self.memory_budget_gb is not None:
+            try:
+                self.memory_budget = MemoryBudget(self.memory_budget_gb)
+            except ValueError as e:
+                raise SweepConfigError(str(e)) from e
 
     def _check_objectives(self) -> None:
         """``direction`` or ``directions`` against the task's ``optimized_metric`` and the pruner."""
@@ -378,6 +388,16 @@ class OptunaSweeperImpl:
             trial.set_user_attr(results.ERROR_ATTR, f"sampling failed: {type(e).__name__}: {e}"[:2000])
             study.tell(trial, state=TrialState.FAIL)
             raise
+
+        # over the memory budget: told to the study (and its sampler) and never launched
+        def compose() -> DictConfig:  # the trial's config, as its job will compose it
+            assert self.hydra_context is not None and self.config is not None
+            overrides = space.overrides(trial.params)
+            return self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+
+        if self.memory_budget is not None and not self.memory_budget.admit(study, trial, compose):
+            self._write_results(study, sweep_dir, plots=False)
+            return None
         return trial
 
     def _trial_overrides(self, trial: optuna.Trial, space: SearchSpace, storage_url: str) -> list[str]:
@@ -540,6 +560,8 @@ class OptunaSweeperImpl:
             else:
                 # a finite number, or one per objective in a multi-objective study
                 values, error = check_returned(raw, len(self.directions))
+        if error is not None and is_oom_error(error):
+            return record_oom(study, trial, error)  # fails alone; the sampler learns the region
         if error is not None:
             trial.set_user_attr(results.ERROR_ATTR, error[:2000])
             study.tell(trial, state=TrialState.FAIL)

@@ -25,6 +25,10 @@ OVERRIDES_ATTR = "overrides"
 ERROR_ATTR = "error"
 SUBMITTED_ATTR = "submitted_at"
 RETURNED_ATTR = "returned_at"
+# how a trial ended in picomaml's words, where optuna's state says less (picomaml.sweep.memory_budget):
+# over_budget (predicted over hydra.sweeper.memory_budget_gb, not launched) or oom (ran out of memory)
+STATUS_ATTR = "status"
+PREDICTED_MEMORY_ATTR = "predicted_memory_gb"
 # trials.csv column of a multi-objective study: the trial is on the Pareto front (study.best_trials)
 PARETO_COLUMN = "pareto"
 
@@ -143,7 +147,10 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
     param_names = sorted({name for t in trials for name in t.params})
     value_header, value_cells = _value_columns(study)
     header = ["number", "state", *value_header, "started", "completed", "duration_s", "last_step"]
-    header += [f"params_{n}" for n in param_names] + [ERROR_ATTR]
+    header += [f"params_{n}" for n in param_names] + [ERROR_ATTR, STATUS_ATTR]
+    # the memory model's prediction, when the sweep has a memory budget
+    memory = any(PREDICTED_MEMORY_ATTR in t.user_attrs for t in trials)
+    header += [PREDICTED_MEMORY_ATTR] if memory else []
     rows = []
     for t in trials:
         duration = t.duration.total_seconds() if t.duration is not None else None
@@ -151,6 +158,8 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
         row = [t.number, t.state.name, *value_cells(t), t.datetime_start, t.datetime_complete, duration]
         row.append(last_step)
         row += [t.params.get(n) for n in param_names] + [t.user_attrs.get(ERROR_ATTR)]
+        row.append(t.user_attrs.get(STATUS_ATTR) or t.state.name.lower())
+        row += [t.user_attrs.get(PREDICTED_MEMORY_ATTR)] if memory else []
         rows.append(["" if v is None else v for v in row])
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as f:

@@ -109,10 +109,23 @@ def build_sampler(
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
         assert grid is not None
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        return _AskTellGridSampler(grid, seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=conf["n_startup_trials"])
     raise ValueError(f"unknown sampler {name!r}; choose one of tpe, nsga2, random, grid, cmaes")
+
+
+def _AskTellGridSampler(grid: dict[str, list[Any]], seed: int | None) -> BaseSampler:  # noqa: N802
+    """optuna's GridSampler without its ``study.stop()`` once every grid point has been asked: that call
+    raises outside ``study.optimize``, and the sweeper asks and tells (it caps ``n_trials`` at the grid
+    size itself), so the tell of the last grid point crashed the sweep."""
+    import optuna
+
+    class AskTellGridSampler(optuna.samplers.GridSampler):
+        def after_trial(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    return AskTellGridSampler(grid, seed=seed)
 
 
 def build_pruner(conf: Mapping[str, Any]) -> BasePruner:
