@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, open_dict
 
 from picomaml.align.config import DPOStage
@@ -245,8 +245,8 @@ def compose_align(overrides: list[str], output_dir: Path, cache_dir: Path) -> Di
 
 
 def test_stage_is_required_and_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigCompositionException, match="You must specify 'stage'"):
-        compose_align([], tmp_path, tmp_path)
+    with pytest.raises(ConfigError, match=r"stage is required: stage=sft .* or stage=dpo"):
+        prepare_align(compose_align([], tmp_path, tmp_path))
     with pytest.raises(MissingConfigException) as info:
         compose_align(["stage=ppo"], tmp_path, tmp_path)
     assert "stage/ppo" in str(info.value) and info.value.options == ["dpo", "sft"]
@@ -268,19 +268,20 @@ def test_missing_ckpt_path_and_bad_stage_values_fail_before_anything_runs(tmp_pa
     assert not any((tmp_path / d).exists() for d in "abcde")
 
 
-def test_the_command_without_ckpt_path_prints_one_line(tmp_path: Path) -> None:
+def test_the_command_answers_help_and_names_what_is_missing_in_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "PICOMAML_ROOT": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "picomaml.align", "stage=dpo"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("picomaml: config error: ckpt_path is required")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "picomaml.align", *args]
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+    helped = run("--help")
+    assert helped.returncode == 0 and "stage: dpo, sft" in helped.stdout
+    for args, message in (((), "stage is required"), (("stage=dpo",), "ckpt_path is required")):
+        proc = run(*args)
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"picomaml: config error: {message}")
     assert not (tmp_path / "outputs" / "align" / "runs" / "stage=dpo").exists()
 
 

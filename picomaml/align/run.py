@@ -50,6 +50,7 @@ from picomaml.train import CONFIG_SCHEMAS, PruningListener, RunPlan, build_train
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = Path("eval_results") / "dpo_test.json"
+STAGE_REQUIRED = "stage is required: stage=sft (fine-tuning) or stage=dpo (preference optimization)"
 register_resolvers()
 register_bases(CONFIG_SCHEMAS)
 
@@ -73,6 +74,8 @@ def prepare_align(cfg: DictConfig) -> RunPlan:
     """Build and check an SFT or DPO run from `cfg` (the `picomaml.train.prepare_run` of this app)."""
     output_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.get("stage") is None:
+        raise ConfigError(STAGE_REQUIRED)
     stage: SFTStage | DPOStage = instantiate_section(cfg, "stage")
     run_dir, start_path, checkpoint = load_start(cfg.get("ckpt_path"))
     model_config = saved_model_config(checkpoint)
@@ -149,6 +152,8 @@ def prepare_align(cfg: DictConfig) -> RunPlan:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="align")
 def main(cfg: DictConfig) -> float | None:
+    if cfg.get("stage") is None:  # before train() reads optimized_metric, which is the stage's monitor
+        raise SystemExit(f"picomaml: config error: {STAGE_REQUIRED}")
     try:
         return train(cfg, prepare=prepare_align)["metric"]
     except (ConfigError, DivergenceError) as err:
