@@ -25,6 +25,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tests.helpers import wait_for
 from tests.test_dashboard import dashboard_study, serve_dashboard
 from tests.test_slurm_resources import jobs_from
 
@@ -68,15 +69,28 @@ def _run(command: str, cwd: Path, env: dict[str, str], timeout: float) -> subpro
     return proc
 
 
-def _sacct_states(workdir: Path) -> dict[str, str]:
-    ids = sorted(jobs_from(workdir))
-    out = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "-o", "JobIDRaw,State"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return dict(line.split("|", 1) for line in out.splitlines() if "|" in line)
+def _sacct_states(workdir: Path, n: int) -> dict[str, str]:
+    """Final SLURM states of the ``n`` jobs submitted from ``workdir``. A sweep driver returns as soon as
+    submitit has read a job's result, which can be before the job's end reaches the accounting
+    database, so this waits (up to a minute) until every job has left PENDING and RUNNING."""
+    states: dict[str, str] = {}
+
+    def settled() -> bool:
+        ids = sorted(jobs_from(workdir))
+        if len(ids) < n:
+            return False
+        out = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-j", ",".join(ids), "-o", "JobIDRaw,State"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        states.clear()
+        states.update(line.split("|", 1) for line in out.splitlines() if "|" in line)
+        return len(states) >= n and not {"PENDING", "RUNNING", "COMPLETING"} & set(states.values())
+
+    wait_for(settled, 60, f"{n} SLURM jobs from {workdir} to be accounted as ended")
+    return states
 
 
 @pytest.mark.slow
@@ -103,11 +117,16 @@ def test_readme_sweeps_run_as_written(tmp_path: Path, cache_dir: Path) -> None:
     results = [json.loads((grid_dir / str(i) / "result.json").read_text()) for i in range(4)]
     assert [r["status"] for r in results] == ["completed"] * 4
     assert all(r["global_step"] == 6 for r in results)
-    grid_jobs = _sacct_states(tmp_path)
+    grid_jobs = _sacct_states(tmp_path, 4)
     assert len(grid_jobs) == 4 and set(grid_jobs.values()) == {"COMPLETED"}, grid_jobs
 
+    # the report: both hybrid ratios, 2 completed runs each
     proc = _run(report, tmp_path, env, timeout=300)
-    assert "meta.hybrid_ratio" in proc.stdout + proc.stderr
+    assert "report.md" in proc.stdout
+    md = (grid_dir / "report.md").read_text()
+    assert "## By meta.hybrid_ratio" in md
+    for ratio in ("0", "0.5"):
+        assert re.search(rf"^\|\s*{re.escape(ratio)}\s*\|\s*2\s*\|\s*2\s*\|", md, flags=re.MULTILINE), md
 
     # the optuna study: 4 trials as SLURM jobs, results in the sweep dir
     _run(optuna_line, tmp_path, env, timeout=1800)
@@ -118,7 +137,7 @@ def test_readme_sweeps_run_as_written(tmp_path: Path, cache_dir: Path) -> None:
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials), [
         (t.state, t.user_attrs) for t in study.trials
     ]
-    jobs = _sacct_states(tmp_path)
+    jobs = _sacct_states(tmp_path, 8)
     assert len(jobs) == 8 and set(jobs.values()) == {"COMPLETED"}, jobs
     with (sweep_dir / "trials.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -130,7 +149,7 @@ def test_readme_sweeps_run_as_written(tmp_path: Path, cache_dir: Path) -> None:
     proc = _run(optuna_line, tmp_path, env, timeout=600)
     assert "4 trials done, 0 to run" in proc.stdout + proc.stderr
     assert len(optuna.load_study(study_name="meta_optuna", storage=storage).trials) == 4
-    assert len(_sacct_states(tmp_path)) == 8
+    assert len(jobs_from(tmp_path)) == 8
 
     # part 5: the study as optuna-dashboard shows it
     with serve_dashboard(storage) as base:
