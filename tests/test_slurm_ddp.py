@@ -10,7 +10,8 @@ in 2 SLURM tasks, each one DDP rank (gloo on CPU), through the launcher profiles
   rank 1 alone, then by `scontrol requeue`, is requeued once per interruption, resumes both ranks from
   last.ckpt, and logs the same metrics.csv history as the same job run without interruption.
 
-The local cluster has one node of 2 CPUs: each job asks for 2 tasks of 1 CPU, so jobs run one at a time.
+The local cluster has one node of 2 CPUs: each job asks for 2 tasks of 1 CPU, so jobs run one at a time,
+and a job may wait in the queue behind other users' jobs (QUEUE_S) before it starts.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from tests.helpers import job_state, wait_for
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+# how long a job may wait for the node (a job of 2 tasks needs both CPUs free), on top of its run time
+QUEUE_S = 600
 
 # the CPU profile sized from this cluster (1 CPU per task, no GPU), as 1 node x 2 tasks
 SLURM = ["hydra/launcher=slurm_local", "hydra.launcher.nodes=1", "hydra.launcher.tasks_per_node=2"]
@@ -126,7 +129,7 @@ def test_two_task_job_trains_as_two_ranks(tmp_path: Path, cache_dir: Path) -> No
     proc = _run(
         _train("trainer.max_steps=6", "trainer.val_check_interval=3", f"hydra.sweep.dir={sweep_dir}"),
         cache_dir,
-        timeout=300,
+        timeout=QUEUE_S + 300,
     )
     wall = time.time() - start
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -153,7 +156,9 @@ def test_trainer_shape_must_match_the_job(tmp_path: Path, cache_dir: Path) -> No
     """`trainer.devices=1` in a job of 2 tasks per node: refused before training, naming both keys."""
     sweep_dir = tmp_path / "mismatch"
     proc = _run(
-        _train("trainer.devices=1", "trainer.max_steps=2", f"hydra.sweep.dir={sweep_dir}"), cache_dir, 300
+        _train("trainer.devices=1", "trainer.max_steps=2", f"hydra.sweep.dir={sweep_dir}"),
+        cache_dir,
+        QUEUE_S + 300,
     )
     assert proc.returncode != 0
     assert "trainer.devices=1 but this SLURM job runs 2 task(s) per node" in proc.stderr, proc.stderr[-3000:]
@@ -239,15 +244,15 @@ def test_requeued_ddp_job_resumes_to_the_uninterrupted_history(tmp_path: Path, c
     )
     job_dir = sweep_dir / "1"
     try:
-        wait_for(lambda: _last_step(job_dir) >= 4, 300, "step 4 of the interrupted job")
+        wait_for(lambda: _last_step(job_dir) >= 4, 2 * QUEUE_S, "step 4 of the interrupted job")
         (array_task,) = (p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.endswith("_1"))
         rank1 = _rank_pid(_slurm_job_id(array_task), 1)
         _interrupt(array_task, lambda: os.kill(rank1, signal.SIGUSR2))  # submitit's requeue signal
         # the first run stopped right after its save: later steps can only come from the rerun
         (first_save,) = _saved_steps(job_dir)
-        wait_for(lambda: _last_step(job_dir) >= first_save + 4, 180, "the rerun to train")
+        wait_for(lambda: _last_step(job_dir) >= first_save + 4, QUEUE_S, "the rerun to train")
         _interrupt(array_task, lambda: subprocess.run(["scontrol", "requeue", array_task], check=True))
-        output, _ = driver.communicate(timeout=300)
+        output, _ = driver.communicate(timeout=QUEUE_S + 300)
     finally:
         driver.kill()
     wall = time.time() - start
