@@ -29,6 +29,7 @@ from picomaml.model.pico_decoder import (
     linear_attention_recurrent,
     rope_rotations,
 )
+from picomaml.runs import check_architecture
 from picomaml.train import prepare_run, train
 from tests.helpers import compose_train, tiny_overrides, write_word_corpus
 
@@ -270,6 +271,17 @@ def test_bad_attention_names_the_allowed_values(tmp_path: Path, cache_dir: Path)
     cfg = compose_train(["model=tiny", "data=synthetic", "model.attention=bogus"], tmp_path, cache_dir)
     with pytest.raises(ConfigError, match=r"model.attention='bogus': allowed values: softmax, linear"):
         prepare_run(cfg)
+
+
+def test_checkpoints_from_before_the_key_resume_as_softmax(tmp_path: Path) -> None:
+    """A checkpoint saved before ``model.attention`` existed is a softmax model, not another architecture."""
+    config = small_config("softmax")
+    saved = {k: v for k, v in dataclasses.asdict(config).items() if k != "attention"}
+    path = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": {"model_config": saved}, "state_dict": {}, "global_step": 3}, path)
+    assert check_architecture(path, config) == 3
+    with pytest.raises(ConfigError, match="model.attention: checkpoint softmax vs config linear"):
+        check_architecture(path, small_config("linear"))
 
 
 def test_export_of_a_linear_model_is_refused_in_one_line(tmp_path: Path) -> None:
