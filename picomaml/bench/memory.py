@@ -10,7 +10,8 @@ high-water mark, so no sampling can miss it); on CUDA ``torch.cuda.max_memory_al
 child. The peak of a step comes at step 2 (AdamW's moments exist from step 1), so ``steps >= 2``.
 
 First a ``runtime`` child measures the CPU baseline term: the same process (the same imports, the
-config, the data module set up and one batch drawn) without a model; it also packs the data cache, so
+config, the data module set up, with ``meta`` on its word index built, and one batch drawn) without a
+model; it also packs the data cache, so
 the timed children read it. Printed per row: predicted and measured GB and the error
 ``(predicted - measured) / measured``; ``model_err_pct`` compares the parts above the baseline
 (predicted minus :data:`~picomaml.lit.memory.CPU_RUNTIME_BYTES` vs measured minus the measured
@@ -41,6 +42,9 @@ with open_dict(cfg):
     cfg.paths.output_dir = sys.argv[2]
 datamodule = instantiate_section(cfg, "data")
 datamodule.check()
+meta = instantiate_section(cfg, "meta")
+if meta.enabled:
+    datamodule.setup_meta(meta)  # the SMLMT word index, as prepare_run builds it
 datamodule.setup("fit")
 next(iter(datamodule.train_dataloader()))
 """
