@@ -99,7 +99,7 @@ def test_chunkwise_equals_recurrent_equals_naive_reference() -> None:
     config = model.config
     attention = model.layers[0].attention
     torch.manual_seed(1)
-    T = 75  # two chunks of 64, the second one padded
+    T = 75  # five chunks of 16 (head_dim 8), the last one padded
     x = torch.randn(2, T, config.d_model)
     rope = rope_rotations(config.head_dim, config.position_emb_theta, 0, T, x.device)
     with torch.no_grad():
