@@ -147,6 +147,14 @@ def test_report_on_a_hand_made_sweep(tmp_path: Path) -> None:
 
     jobs, missing = collect_compare(sweep)
     assert len(jobs) == 6 and [m.job for m in missing] == [6]
+    # without a scored step-0 control (callbacks.final_eval.control_step=null) the column is left out
+    for path in sweep.glob("*/eval_results/final.json"):
+        path.write_text(json.dumps({"final": json.loads(path.read_text())["final"]}))
+    report_main([f"sweep_dir={sweep}", "numeric=true"])
+    assert (
+        "| kind | terms | softmax | linear | linear - softmax (paired) |"
+        in (sweep / "numeric.md").read_text()
+    )
     with pytest.raises(SystemExit, match="choose one"):
         report_main([f"sweep_dir={sweep}", "numeric=true", "study=true"])
 

@@ -154,7 +154,14 @@ def _metric_table(
 ) -> list[str]:
     cells = {(r.key, r.checkpoint, r.arm): r.estimate for r in rows}
     diffs = [f"{arm} - {arms[0]}" for arm in arms[1:]]
-    header = ["kind", "terms", *arms, *(f"{d} (paired)" for d in diffs), "step 0 (init)"]
+    control = any(r.checkpoint == "step0" for r in rows)  # scored only with final_eval.control_step set
+    header = [
+        "kind",
+        "terms",
+        *arms,
+        *(f"{d} (paired)" for d in diffs),
+        *(["step 0 (init)"] if control else []),
+    ]
     terms = {
         int(m["m"]): j.final.get(f"numeric/x{m['m']}/terms")
         for j in jobs
@@ -174,8 +181,9 @@ def _metric_table(
             est = cells.get((key, "final", d))
             text = format_estimate(est, interval=True)
             line.append(f"**{text}**" if est is not None and est.excludes_zero else text)
-        step0 = [cells.get((key, "step0", arm)) for arm in arms]
-        line.append(format_estimate(next((e for e in step0 if e is not None), None)))
+        if control:
+            step0 = [cells.get((key, "step0", arm)) for arm in arms]
+            line.append(format_estimate(next((e for e in step0 if e is not None), None)))
         table.append(line)
     return _md_table(header, table)
 
@@ -205,7 +213,7 @@ def markdown_report(
         "Each cell is the mean over seeds ± the half-width of its 95% t interval "
         f"(t(0.975, n-1){f' = {t_quantile(n - 1):.3f} for n = {n}' if n > 1 else ''}). The paired "
         "column is the difference per seed, then averaged, with its interval [low, high]; **bold** when the "
-        "interval excludes 0. *step 0* is the run's own random init scored alike. *all* averages the kinds "
+        "interval excludes 0. *step 0* (when scored) is the run's own random init. *all* averages the kinds "
         "scored at every length (geometric sequences are at most 12 terms long, so it leaves them out when "
         "a length is longer).",
         "",
@@ -236,10 +244,18 @@ def markdown_report(
     loss = {(r.checkpoint, r.arm): r.estimate for r in rows if r.key == "loss"}
     if loss:
         lines += ["", "## Validation loss (nats/token, documents of at most L terms) ↓", ""]
-        header = [*arms, *(f"{a} - {arms[0]} (paired)" for a in arms[1:]), "step 0 (init)"]
+        control = any(checkpoint == "step0" for checkpoint, _ in loss)
+        header = [
+            *arms,
+            *(f"{a} - {arms[0]} (paired)" for a in arms[1:]),
+            *(["step 0 (init)"] if control else []),
+        ]
         line = [format_estimate(loss.get(("final", a))) for a in arms]
         line += [format_estimate(loss.get(("final", f"{a} - {arms[0]}")), interval=True) for a in arms[1:]]
-        line.append(format_estimate(next((loss[("step0", a)] for a in arms if ("step0", a) in loss), None)))
+        if control:
+            line.append(
+                format_estimate(next((loss[("step0", a)] for a in arms if ("step0", a) in loss), None))
+            )
         lines += _md_table(header, [line])
     if missing:
         lines += ["", "## Jobs without a numeric evaluation", ""]
