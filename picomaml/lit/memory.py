@@ -49,8 +49,10 @@ The terms (the keys of :attr:`MemoryEstimate.breakdown`):
 ``runtime``  CPU only: the resident size of the process before the model exists (Python, torch,
              Lightning, Hydra, optuna, the tokenizer and the memory-mapped data), measured by
              ``python -m picomaml.bench memory`` (``runtime_measured_gb``) on this project's machine:
-             :data:`CPU_RUNTIME_BYTES`. On CUDA the prediction is of ``torch.cuda.max_memory_allocated``,
-             which counts tensors only; the CUDA context (some hundreds of MB) comes on top.
+             :data:`CPU_RUNTIME_BYTES`, plus with meta on the SMLMT word index,
+             :data:`WORD_INDEX_BYTES_PER_TOKEN` per ``meta.buffer_tokens``. On CUDA the prediction is of
+             ``torch.cuda.max_memory_allocated``, which counts tensors only; the CUDA context (some
+             hundreds of MB) comes on top.
 
 Peak: ``weights + optimizer + max(forward end, backward start, backward end)`` with
 forward end = (grads under accumulation) + autocast + activations + loss_block (AR) or meta;
@@ -80,6 +82,9 @@ GB = 1e9
 # by `python -m picomaml.bench memory` on the project's 2-core machine (torch 2.13 CPU, Lightning 2.6.6,
 # the embedded wiki data): 0.630 GB in two runs, rounded up. The bench prints what it measures where it runs.
 CPU_RUNTIME_BYTES = int(0.64 * GB)
+# With meta on, the SMLMT word index (picomaml.meta.words, Python dicts over meta.buffer_tokens tokens)
+# adds to it: 0.718 - 0.630 GB measured the same way with the default 1,000,000-token buffer.
+WORD_INDEX_BYTES_PER_TOKEN = 88
 LOSS_CHUNK_TOKENS = 1024  # picomaml.model.pico_decoder._LOSS_CHUNK_TOKENS (1024-token loss chunks)
 
 _PRECISIONS = {
@@ -270,7 +275,10 @@ def estimate_training_memory(
     candidates["backward end"] = {"grads": grads}
     phase, live = max(candidates.items(), key=lambda item: sum(item[1].values()))
 
-    runtime = (CPU_RUNTIME_BYTES if runtime_bytes is None else runtime_bytes) if device_type == "cpu" else 0
+    runtime = 0
+    if device_type == "cpu":
+        runtime = CPU_RUNTIME_BYTES if runtime_bytes is None else runtime_bytes
+        runtime += meta.buffer_tokens * WORD_INDEX_BYTES_PER_TOKEN if meta is not None else 0
     breakdown = {
         "weights": weights,
         "grads": live.get("grads", 0),
