@@ -69,14 +69,14 @@ def _run(command: str, cwd: Path, env: dict[str, str], timeout: float) -> subpro
     return proc
 
 
-def _sacct_states(workdir: Path, n: int) -> dict[str, str]:
+def _sacct_states(workdir: Path, n: int, since: float) -> dict[str, str]:
     """Final SLURM states of the ``n`` jobs submitted from ``workdir``. A sweep driver returns as soon as
     submitit has read a job's result, which can be before the job's end reaches the accounting
     database, so this waits (up to a minute) until every job has left PENDING and RUNNING."""
     states: dict[str, str] = {}
 
     def settled() -> bool:
-        ids = sorted(jobs_from(workdir))
+        ids = sorted(jobs_from(workdir, since))
         if len(ids) < n:
             return False
         out = subprocess.run(
@@ -108,6 +108,8 @@ def test_readme_sweeps_run_as_written(tmp_path: Path, cache_dir: Path) -> None:
     }
     env.pop("PICOMAML_ROOT", None)
     start, grid, report, optuna_line = readme_sweep_commands()
+    # jobs of this run only (sacct's clock has whole seconds)
+    started = time.time() - 1
     t0 = time.perf_counter()
     _run(start, tmp_path, env, timeout=600)
 
@@ -117,7 +119,7 @@ def test_readme_sweeps_run_as_written(tmp_path: Path, cache_dir: Path) -> None:
     results = [json.loads((grid_dir / str(i) / "result.json").read_text()) for i in range(4)]
     assert [r["status"] for r in results] == ["completed"] * 4
     assert all(r["global_step"] == 6 for r in results)
-    grid_jobs = _sacct_states(tmp_path, 4)
+    grid_jobs = _sacct_states(tmp_path, 4, started)
     assert len(grid_jobs) == 4 and set(grid_jobs.values()) == {"COMPLETED"}, grid_jobs
 
     # the report: both hybrid ratios, 2 completed runs each
@@ -137,7 +139,7 @@ def test_readme_sweeps_run_as_written(tmp_path: Path, cache_dir: Path) -> None:
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials), [
         (t.state, t.user_attrs) for t in study.trials
     ]
-    jobs = _sacct_states(tmp_path, 8)
+    jobs = _sacct_states(tmp_path, 8, started)
     assert len(jobs) == 8 and set(jobs.values()) == {"COMPLETED"}, jobs
     with (sweep_dir / "trials.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -149,7 +151,7 @@ def test_readme_sweeps_run_as_written(tmp_path: Path, cache_dir: Path) -> None:
     proc = _run(optuna_line, tmp_path, env, timeout=600)
     assert "4 trials done, 0 to run" in proc.stdout + proc.stderr
     assert len(optuna.load_study(study_name="meta_optuna", storage=storage).trials) == 4
-    assert len(jobs_from(tmp_path)) == 8
+    assert len(jobs_from(tmp_path, started)) == 8
 
     # part 5: the study as optuna-dashboard shows it
     with serve_dashboard(storage) as base:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -162,14 +163,16 @@ def test_partitions_gres_types_and_node_combinations() -> None:
 # on the local cluster
 
 
-def jobs_from(workdir: Path) -> set[str]:
+def jobs_from(workdir: Path, since: float | None = None) -> set[str]:
     """Raw ids of the SLURM jobs (queued, running or finished; an array's tasks one by one) submitted
-    from ``workdir``: other sessions' jobs on the same cluster are told apart by their working dir."""
+    from ``workdir`` since ``since`` (a ``time.time()``; default: the last day). Other sessions' jobs on
+    the same cluster are told apart by their working dir."""
     queued = subprocess.run(
         ["squeue", "-h", "-o", "%i|%Z"], capture_output=True, text=True, check=True
     ).stdout
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since)) if since else "now-1days"
     done = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-S", "now-1days", "-o", "JobIDRaw,WorkDir"],
+        ["sacct", "-X", "-n", "-P", "-S", start, "-o", "JobIDRaw,WorkDir"],
         capture_output=True,
         text=True,
         check=True,
