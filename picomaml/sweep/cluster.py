@@ -115,7 +115,9 @@ class NodeOffer:
     def shape(self) -> str:
         """``2 CPUs, 22.5 GB, no GPUs``; ``64 CPUs, 500.0 GB, 4 gpu:a100``."""
         typed = [f"{n} {k}" for k, n in sorted(self.gres.items()) if k.startswith("gpu:")]
-        gpus = ", ".join(typed) or (f"{self.gpus} GPUs" if self.gpus else "no GPUs")
+        gpus = ", ".join(typed) or (
+            f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}" if self.gpus else "no GPUs"
+        )
         other = [f"{n} {k}" for k, n in sorted(self.gres.items()) if ":" not in k and k != "gpu"]
         return ", ".join([f"{self.cpus} CPUs", _gb(self.mem_mb), gpus, *other])
 
