@@ -26,14 +26,24 @@ KIT = REPO / "launchers" / "slurm_local_cluster.sh"
 VAL_ROWS = 4  # validation rows of the tiny runs' learning-dynamics dumps
 
 
-def compose_train(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
-    """The config `python -m picomaml.train <overrides>` would run, writing into `output_dir`."""
+def compose_root(root: str, overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
+    """The config `python -m picomaml.<root> <overrides>` would run, writing into `output_dir`."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+        cfg = compose(config_name=root, overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.cache_dir = str(cache_dir)
     return cfg
+
+
+def compose_train(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
+    """The config `python -m picomaml.train <overrides>` would run, writing into `output_dir`."""
+    return compose_root("train", overrides, output_dir, cache_dir)
+
+
+def compose_align(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
+    """The config `python -m picomaml.align <overrides>` would run, writing into `output_dir`."""
+    return compose_root("align", overrides, output_dir, cache_dir)
 
 
 # Small and fast: tiny model, synthetic numbers, fp32 on CPU, no progress bar.

@@ -13,20 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from picomaml.align.config import DPOStage
 from picomaml.align.dpo import dpo_loss, preference_accuracy, response_logprobs, sequence_logprobs
 from picomaml.align.preferences import build_pairs, collate_pairs
 from picomaml.align.run import prepare_align
-from picomaml.config import CONF_DIR, ConfigError
+from picomaml.config import ConfigError
 from picomaml.data import PicoDataModule
 from picomaml.model import ModelConfig, PicoDecoder
 from picomaml.runs import read_checkpoint, resolve_checkpoint
 from picomaml.train import prepare_run, save_training_config, train
-from tests.helpers import FAST, REPO, compose_train
+from tests.helpers import FAST, REPO, compose_align, compose_train
 
 # --- the DPO maths, against the paper's formula written out independently --------------------------
 
@@ -232,16 +231,6 @@ def test_a_split_without_pairs_is_one_clear_error(cache_dir: Path) -> None:
 
 
 # --- config errors ---------------------------------------------------------------------------------------
-
-
-def compose_align(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
-    """The config `python -m picomaml.align <overrides>` would run, writing into `output_dir`."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="align", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.cache_dir = str(cache_dir)
-    return cfg
 
 
 def test_stage_is_required_and_named(tmp_path: Path) -> None:

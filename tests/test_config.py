@@ -12,19 +12,24 @@ from omegaconf import OmegaConf
 from picomaml.config import ConfigError, group_options, resolve_precision
 from picomaml.lit.optim import OptimConfig, lr_multiplier
 from picomaml.train import prepare_run, train
-from tests.helpers import FAST, compose_train
+from tests.helpers import FAST, compose_align, compose_train
 
 GROUPS = [
     *("data", "model", "meta", "optim", "trainer", "callbacks", "logger", "debug"),
     *("experiment", "hparams_search"),
 ]
+# options of the post-training app's root (conf/align.yaml): they read its `stage`
+ALIGN_ONLY = {("callbacks", "align")}
 
 
 @pytest.mark.parametrize(
     ("group", "option"), [(g, o) for g in GROUPS for o in group_options(g)], ids=lambda x: str(x)
 )
 def test_every_group_option_composes(group: str, option: str, tmp_path: Path, cache_dir: Path) -> None:
-    cfg = compose_train([f"{group}={option}"], tmp_path, cache_dir)
+    if (group, option) in ALIGN_ONLY:
+        cfg = compose_align(["stage=dpo", f"{group}={option}"], tmp_path, cache_dir)
+    else:
+        cfg = compose_train([f"{group}={option}"], tmp_path, cache_dir)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     if group in cfg:  # debug configs are global patches rather than a section of their own
         assert cfg[group] is not None
