@@ -33,12 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Sweeps on SLURM and optuna"
 
 
-def readme_sweep_commands(readme: Path = REPO / "README.md") -> list[str]:
-    """The shell commands of the section's bash blocks, one per logical line (``\\`` continuations
-    joined), comments left in place: bash ignores them as a reader does."""
+def readme_sweep_commands(readme: Path = REPO / "README.md", section: str = SECTION) -> list[str]:
+    """The shell commands of the bash blocks of the README section whose heading starts with
+    ``section``, one per logical line (``\\`` continuations joined), comments left in place: bash
+    ignores them as a reader does."""
     text = readme.read_text()
-    start = text.index(SECTION)
-    end = text.find("\n## ", start + len(SECTION))
+    start = text.index(section)
+    end = text.find("\n## ", start + len(section))
     section = text[start : end if end >= 0 else len(text)]
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL):
