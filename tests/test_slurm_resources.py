@@ -27,6 +27,7 @@ from picomaml.sweep.cluster import (
     query_partitions,
     target_partition,
 )
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "tests" / "sweep_app" / "app.py"
@@ -252,6 +253,9 @@ def test_slurm_local_jobs_get_what_sinfo_sizes(slurm_cluster: None, tmp_path: Pa
     partition = target_partition({"partition": None}, query_partitions())
     want_mem = min(int(n.mem_mb / n.cpus) for n in partition.nodes)
     jobs = [json.loads((sweep_dir / str(i) / "timing.json").read_text())["slurm_job_id"] for i in (0, 1)]
+    # the driver returns once submitit has read both results, which can be before the second job's
+    # end reaches the accounting database that jobs_from reads
+    wait_for(lambda: set(jobs) <= jobs_from(tmp_path), 60, f"jobs {jobs} in sacct")
     assert all(jobs) and set(jobs) == jobs_from(tmp_path)
     for job in jobs:
         acct = subprocess.run(
