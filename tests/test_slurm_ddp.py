@@ -16,8 +16,6 @@ and a job may wait in the queue behind other users' jobs (QUEUE_S) before it sta
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import pickle
 import re
@@ -32,6 +30,7 @@ import lightning.pytorch as pl
 import pytest
 
 from tests.helpers import job_state, wait_for
+from tests.test_slurm_training import _env, _result, _rows, _run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,33 +81,11 @@ class Pace(pl.Callback):
         time.sleep(self.sleep_s)
 
 
-def _env(cache_dir: Path) -> dict[str, str]:
-    # sbatch exports the driver's environment to the jobs
-    return {**os.environ, "PICOMAML_CACHE": str(cache_dir), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-
-
 def _train(*overrides: str) -> list[str]:
     # a key given in `overrides` replaces TINY's and DDP's (e.g. data=wiki, trainer.devices=1)
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
     defaults = [o for o in (*TINY, *DDP) if o.split("=", 1)[0] not in given]
     return [sys.executable, "-m", "picomaml.train", "-m", *defaults, *SLURM, *overrides]
-
-
-def _run(cmd: list[str], cache_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=REPO, env=_env(cache_dir), capture_output=True, text=True, timeout=timeout)
-
-
-def _result(job_dir: Path) -> dict[str, Any]:
-    return json.loads((job_dir / "result.json").read_text())
-
-
-def _rows(job_dir: Path, key: str) -> list[tuple[int, float]]:
-    """(step, value) of every metrics.csv row that has `key`, in file order; [] before the first write."""
-    path = job_dir / "csv" / "metrics.csv"
-    if not path.exists():
-        return []
-    with open(path) as file:
-        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(file) if r.get(key)]
 
 
 def _task_log(sweep_dir: Path, job_id: str, rank: int) -> str:
