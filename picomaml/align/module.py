@@ -121,12 +121,8 @@ class DPOLitModule(PicoLitModule):
         for name in ("pref_acc", "reward_margin", "rewards_chosen", "rewards_rejected"):
             self._window.add(f"train/{name}", scores[name].mean())
         self._count_tokens(batch["tokens"][:, :-1].numel())
-        self._loss_nonfinite = self._loss_nonfinite | ~torch.isfinite(loss.detach())
-        self.manual_backward(loss / self.optim_config.accumulate_grad_batches)
-        self._micro_step += 1
-        if self._micro_step < self.optim_config.accumulate_grad_batches:
+        if not self._backward_micro_batch(loss):
             return
-        self._micro_step = 0
         self._optimizer_step()
 
     # --- validation and test: every pair once, metrics over all ranks ---------------------------------

@@ -106,6 +106,17 @@ class PicoLitModule(pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _backward_micro_batch(self, loss: torch.Tensor) -> bool:
+        """Backward of one micro-batch's loss, scaled for accumulation; True when the accumulation
+        window is full and the optimizer should step (the window restarts)."""
+        self._loss_nonfinite = self._loss_nonfinite | ~torch.isfinite(loss.detach())
+        self.manual_backward(loss / self.optim_config.accumulate_grad_batches)
+        self._micro_step += 1
+        if self._micro_step < self.optim_config.accumulate_grad_batches:
+            return False
+        self._micro_step = 0
+        return True
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         ar_batch, meta_batch = (batch["ar"], batch["meta"]) if "ar" in batch else (batch, None)
         weights = self._loss_weights(meta_batch is not None)
@@ -125,12 +136,8 @@ class PicoLitModule(pl.LightningModule):
             self._window.add("train/loss_meta", loss_meta)
             for name, value in stats.items():
                 self._window.add(f"meta/{name}", value)
-        self._loss_nonfinite = self._loss_nonfinite | ~torch.isfinite(loss.detach())
-        self.manual_backward(loss / self.optim_config.accumulate_grad_batches)
-        self._micro_step += 1
-        if self._micro_step < self.optim_config.accumulate_grad_batches:
+        if not self._backward_micro_batch(loss):
             return
-        self._micro_step = 0
         if weights["meta"] > 0:
             self.meta_steps += 1
         if weights["ar"] > 0:
