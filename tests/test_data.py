@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from picomaml.data import PicoDataModule, load_tokenizer
-from picomaml.data.corpora import TextCorpus, WikiCorpus, make_corpus
+from picomaml.data import PicoDataModule, load_tokenizer, packing
+from picomaml.data.corpora import Piece, TextCorpus, WikiCorpus, make_corpus
 from picomaml.data.datamodule import PackedOrder
 from picomaml.data.packing import cache_key, cache_path
 
@@ -82,6 +82,40 @@ def test_split_is_by_document(wiki_dm):
     assert 0.13 < meta_test.n_docs / 10033 < 0.17  # the default meta_test_fraction, 0.15
     rows = np.arange(wiki_dm.packed.val.n_rows)
     assert set(np.unique(wiki_dm.packed.val.row_doc_ids(rows))) == set(val.doc_ids)
+
+
+def test_each_split_is_its_documents_in_order_completed_cyclically_to_whole_rows():
+    lengths = [5, 3, 7, 2, 4, 1]
+    codes = np.array([0, 0, 1, 0, 2, 2])  # train, train, val, train, meta_test, meta_test
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = np.arange(offsets[-1], dtype=np.int32) + 100
+    width = 4
+    packed = packing.pack_splits(tokens, offsets, codes, width)
+    for code, split in enumerate(packing.SPLITS):
+        docs = np.flatnonzero(codes == code)
+        stream_tokens = np.concatenate([tokens[offsets[d] : offsets[d + 1]] for d in docs])
+        stream, padded = packed[split]
+        assert np.array_equal(stream.tokens, stream_tokens) and list(stream.doc_ids) == list(docs)
+        n_rows = -(-len(stream_tokens) // width)
+        # a split shorter than a row (meta_test: 5 tokens, val: 7) repeats its stream until the row is full
+        assert np.array_equal(padded, np.resize(stream_tokens, n_rows * width))
+    assert len(packing.pack_splits(tokens, offsets, np.zeros(6), width)["val"][1]) == 0
+
+
+def test_a_blank_document_split_across_tokenizer_calls_leaves_no_token(monkeypatch):
+    monkeypatch.setattr(packing, "_ENCODE_BATCH", 2)  # the blank document's pieces land in two calls
+    tokenizer = load_tokenizer("gpt2")
+    pieces = [
+        Piece("Hello", last=False),
+        Piece(" world", last=True),
+        Piece("  ", last=False),
+        Piece("\n", last=True),
+        Piece(" again", last=True),
+    ]
+    tokens, offsets = packing.tokenize_pieces(pieces, tokenizer)
+    hello, again = tokenizer.encode("Hello world"), tokenizer.encode(" again")
+    assert tokens.tolist() == [*hello, EOS, *again, EOS]
+    assert offsets.tolist() == [0, len(hello) + 1, len(hello) + len(again) + 2]
 
 
 def test_wiki_text_is_cleaned():
