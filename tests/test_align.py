@@ -3,6 +3,7 @@ frozen reference, config errors, and a tiny real SFT -> DPO run with a sweep ove
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -18,10 +19,12 @@ from omegaconf import DictConfig
 
 from picomaml.align.config import DPOStage
 from picomaml.align.dpo import dpo_loss, preference_accuracy, response_logprobs, sequence_logprobs
+from picomaml.align.module import DPOLitModule
 from picomaml.align.preferences import build_pairs, collate_pairs
 from picomaml.align.run import prepare_align
 from picomaml.config import ConfigError
 from picomaml.data import PicoDataModule
+from picomaml.lit.optim import OptimConfig
 from picomaml.model import ModelConfig, PicoDecoder
 from picomaml.runs import read_checkpoint, resolve_checkpoint
 from picomaml.train import prepare_run, save_training_config, train
@@ -233,6 +236,40 @@ def test_a_split_without_pairs_is_one_clear_error(cache_dir: Path) -> None:
 # --- config errors ---------------------------------------------------------------------------------------
 
 
+def test_the_test_scores_the_best_validations_policy_and_checkpoints_keep_it() -> None:
+    config = ModelConfig(
+        d_model=16,
+        n_layers=1,
+        attention_n_heads=2,
+        attention_n_kv_heads=1,
+        activation_hidden_dim=32,
+        vocab_size=32,
+        max_seq_len=16,
+    )
+    torch.manual_seed(0)
+    init = PicoDecoder(config).state_dict()
+    module = DPOLitModule(config, OptimConfig(), init, beta=0.1, monitor="val/dpo_loss", monitor_mode="min")
+    assert module.use_best_policy() == {}  # no validation yet: the policy stays as it is
+    snapshots = {}
+    for step, loss in ((4, 0.69), (8, 0.41), (12, 0.41), (16, 0.55)):  # the best is the first 0.41
+        with torch.no_grad():
+            for parameter in module.model.parameters():
+                parameter.add_(0.01 * step)
+        snapshots[step] = {k: v.clone() for k, v in module.model.state_dict().items()}
+        kept = module.best
+        module._keep_if_best(loss)
+        if module.best is not kept:
+            module.best["step"] = step  # no trainer here: global_step stays 0
+    checkpoint = {"state_dict": module.state_dict(), "picomaml": {}}
+    module.on_save_checkpoint(checkpoint)
+    resumed = DPOLitModule(config, OptimConfig(), init, beta=0.1, monitor="val/dpo_loss", monitor_mode="min")
+    resumed.on_load_checkpoint(checkpoint)
+    for candidate in (module, resumed):
+        assert candidate.use_best_policy() == {"val/dpo_loss": 0.41} and candidate.scored_step == 8
+        for name, value in candidate.model.state_dict().items():
+            torch.testing.assert_close(value, snapshots[8][name], rtol=0, atol=0)
+
+
 def test_stage_is_required_and_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"stage is required: stage=sft .* or stage=dpo"):
         prepare_align(compose_align([], tmp_path, tmp_path))
@@ -254,7 +291,9 @@ def test_missing_ckpt_path_and_bad_stage_values_fail_before_anything_runs(tmp_pa
         prepare_align(compose_align(["stage=dpo", "stage.corruption=flip"], tmp_path / "d", tmp_path))
     with pytest.raises(ConfigError, match=r"stage.monitor='val/loss' is not logged by this stage"):
         prepare_align(compose_align(["stage=dpo", "stage.monitor=val/loss"], tmp_path / "e", tmp_path))
-    assert not any((tmp_path / d).exists() for d in "abcde")
+    with pytest.raises(ConfigError, match=r"stage.test_on='first'; allowed: best, last"):
+        prepare_align(compose_align(["stage=dpo", "stage.test_on=first"], tmp_path / "f", tmp_path))
+    assert not any((tmp_path / d).exists() for d in "abcdef")
 
 
 def test_the_command_answers_help_and_names_what_is_missing_in_one_line(tmp_path: Path) -> None:
@@ -374,10 +413,20 @@ def test_sft_then_dpo_end_to_end(tmp_path: Path, cache_dir: Path) -> None:
     assert report["before"]["logp_acc"] == report["before"]["ref_logp_acc"]
     assert report["after"]["pref_acc"] > 0.5 and report["after"]["dpo_loss"] < math.log(2)
     assert report["n_pairs"] == result["metrics"]["test/n_pairs"] > 0
-    assert result["metric_name"] == "val/pref_acc" and result["metric"] == result["metrics"]["val/pref_acc"]
     metrics_csv = (dpo / "csv" / "metrics.csv").read_text()
     for key in ("train/dpo_loss", "val/pref_acc", "val/dpo_loss", "test/pref_acc"):
         assert key in metrics_csv.splitlines()[0]
+    # the test scored the policy of the best validation (the first of equal ones, as early stopping
+    # counts), and the run returns that validation's accuracy
+    validations = [
+        (int(row["step"]), float(row["val/pref_acc"]))
+        for row in csv.DictReader(metrics_csv.splitlines())
+        if row.get("val/pref_acc")
+    ]
+    best_step, best_acc = max(validations, key=lambda sv: (sv[1], -sv[0]))
+    assert [step for step, _ in validations] == [4, 8, 12]
+    assert report["step"] == best_step and report["final_step"] == 12
+    assert result["metric_name"] == "val/pref_acc" and result["metric"] == pytest.approx(best_acc)
 
     # a sweep over beta: one DPO job per value, each with its own result
     env = {**os.environ, "PICOMAML_ROOT": str(tmp_path), "PICOMAML_CACHE": str(cache_dir)}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 CORRUPTIONS = ("shuffle", "other_doc", "wrong_term")
 MONITOR_MODES = ("min", "max")
+TEST_ON = ("best", "last")
 SFT_METRICS = ("val/loss", "val/ppl")
 DPO_METRICS = ("val/dpo_loss", "val/pref_acc", "val/reward_margin", "val/logp_acc")
 
@@ -57,6 +58,10 @@ class DPOStage:
             are validation pairs (early stopping).
         pair_seed: seeds the cut points, the corruptions and the val/test split of held-out documents.
         monitor, monitor_mode: the validation metric of early stopping and of sweeps.
+        test_on: which policy the test pairs score: ``best`` (the one of the best validation by
+            ``monitor``, as Lightning's ``test(ckpt_path="best")``; the run's metrics then report that
+            validation) or ``last`` (the final one: with early stopping, ``patience`` validations past
+            the best).
     """
 
     name: str = "dpo"
@@ -71,6 +76,7 @@ class DPOStage:
     pair_seed: int = 0
     monitor: str = "val/pref_acc"
     monitor_mode: str = "max"
+    test_on: str = "best"
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
@@ -91,3 +97,5 @@ class DPOStage:
         if not 0 < self.test_share < 1:
             raise ValueError(f"stage.test_share must be in (0, 1), got {self.test_share}")
         _check_monitor(self.monitor, self.monitor_mode, DPO_METRICS)
+        if self.test_on not in TEST_ON:
+            raise ValueError(f"stage.test_on={self.test_on!r}; allowed: {', '.join(TEST_ON)}")

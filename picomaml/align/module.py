@@ -32,7 +32,9 @@ class DPOLitModule(PicoLitModule):
     """DPO of ``PicoDecoder(model_config)`` from ``init_state`` (policy init and frozen reference).
 
     Batches are :mod:`picomaml.align.preferences` batches. ``results_path``, when set, receives the test
-    pairs' metrics before DPO (the policy at step 0, scored when training starts) and after.
+    pairs' metrics before DPO (the policy at step 0, scored when training starts) and after. The policy
+    of the best validation by ``monitor`` (``monitor_mode``) is kept, in memory and in checkpoints, so
+    that :meth:`use_best_policy` can put it back before the test after early stopping.
     """
 
     def __init__(
@@ -45,6 +47,8 @@ class DPOLitModule(PicoLitModule):
         seq_len: int = 256,
         seed: int = 0,
         results_path: str | Path | None = None,
+        monitor: str = "val/pref_acc",
+        monitor_mode: str = "max",
     ) -> None:
         super().__init__(model_config, optim, seq_len=seq_len, meta=None, seed=seed)
         self.save_hyperparameters(
@@ -61,6 +65,10 @@ class DPOLitModule(PicoLitModule):
         self._eval_rows: list[dict[str, torch.Tensor]] = []
         # the test metrics of the policy at step 0 (== the reference), measured when training starts
         self.before: dict[str, float] | None = None
+        self.monitor, self.monitor_mode = monitor, monitor_mode
+        # {"step", "value", "state"}: the policy of the best validation so far (state on the CPU)
+        self.best: dict[str, Any] | None = None
+        self.scored_step: int | None = None  # the step of the policy the test scored
 
     # --- the frozen reference ------------------------------------------------------------------------
 
@@ -78,6 +86,7 @@ class DPOLitModule(PicoLitModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["picomaml"]["dpo_before"] = self.before
+        checkpoint["picomaml"]["dpo_best"] = self.best
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints hold the policy only; the strict load that follows expects the reference too
@@ -85,6 +94,7 @@ class DPOLitModule(PicoLitModule):
             checkpoint["state_dict"][REFERENCE_PREFIX + name] = value
         super().on_load_checkpoint(checkpoint)
         self.before = checkpoint.get("picomaml", {}).get("dpo_before")
+        self.best = checkpoint.get("picomaml", {}).get("dpo_best")
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer, scheduler = build_optimizer(
@@ -152,9 +162,31 @@ class DPOLitModule(PicoLitModule):
             self.log(name, value, prog_bar=name in ("val/dpo_loss", "val/pref_acc"), logger=False)
         if not self.trainer.sanity_checking:
             self._log_to_loggers(metrics)
+            self._keep_if_best(metrics[self.monitor])
             for listener in self.validation_listeners:
                 listener(self.global_step, metrics)
         self._window.restart_clock(self.tokens_seen)
+
+    def _keep_if_best(self, value: float) -> None:
+        """Keep the policy when ``value`` beats the best so far (strictly, as EarlyStopping counts)."""
+        best = self.best
+        if best is not None and not (
+            value < best["value"] if self.monitor_mode == "min" else value > best["value"]
+        ):
+            return
+        state = {
+            name: tensor.detach().to("cpu", copy=True) for name, tensor in self.model.state_dict().items()
+        }
+        self.best = {"step": self.global_step, "value": value, "state": state}
+
+    def use_best_policy(self) -> dict[str, float]:
+        """Load the best validation's policy into ``model`` (for the test); return ``{monitor: value}``
+        of that validation (empty when none ran, and the policy is left as it is)."""
+        if self.best is None:
+            return {}
+        self.model.load_state_dict(self.best["state"])
+        self.scored_step = self.best["step"]
+        return {self.monitor: float(self.best["value"])}
 
     def on_test_epoch_start(self) -> None:
         self._eval_rows = []
@@ -199,11 +231,13 @@ class DPOLitModule(PicoLitModule):
         """``results_path``: the test pairs before DPO (the policy at step 0, measured when training
         started: it equals the reference, so every margin is 0, the DPO loss log 2 and the preference
         accuracy 0.5 by ties; its chosen-vs-rejected log-probability accuracy ``logp_acc`` is the
-        informative number) and after (the final policy)."""
+        informative number) and after (the policy at ``step``: the best validation's after
+        :meth:`use_best_policy`, else the final one, at ``final_step``)."""
         get = lambda name: metrics[f"test/{name}"]  # noqa: E731
         before = {k.removeprefix("test/"): v for k, v in (self.before or {}).items()}
         results = {
-            "step": self.global_step,
+            "step": self.global_step if self.scored_step is None else self.scored_step,
+            "final_step": self.global_step,
             "n_pairs": int(get("n_pairs")),
             "beta": self.beta,
             "length_normalize": self.length_normalize,

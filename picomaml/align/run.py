@@ -17,7 +17,9 @@ of the run's name, since it says what the run is.
   as the reference; the pairs come from `data=` (`picomaml.align.preferences`). Validation logs
   `val/dpo_loss`, `val/pref_acc` and friends, early stopping watches `stage.monitor`, and after training
   the test pairs are scored: `test/*` metrics, and `eval_results/dpo_test.json` with the test metrics
-  before (step 0) and after DPO.
+  before (step 0) and after DPO. "After" is the policy of the best validation (`stage.test_on=best`,
+  whose `stage.monitor` value is then also what the run returns to sweepers) or the final one
+  (`stage.test_on=last`); the run dir's checkpoints hold the final policy.
 """
 
 from __future__ import annotations
@@ -134,14 +136,17 @@ def prepare_align(cfg: DictConfig) -> RunPlan:
             seq_len=datamodule.max_len - 1,
             seed=cfg.seed,
             results_path=output_dir / RESULTS_FILE,
+            monitor=stage.monitor,
+            monitor_mode=stage.monitor_mode,
         )
     module.validation_listeners.append(PruningListener(cfg))
     trainer = build_trainer(cfg, optim, output_dir, resume_step)
     if isinstance(stage, DPOStage):
 
         def after_fit() -> dict[str, float]:
+            best = module.use_best_policy() if stage.test_on == "best" else {}
             trainer.test(module, datamodule=datamodule, verbose=False)
-            return {k: float(v) for k, v in trainer.callback_metrics.items()}
+            return {**{k: float(v) for k, v in trainer.callback_metrics.items()}, **best}
 
     # the run dir reads like a training run's: its model section, and the checkpoint it started from
     with open_dict(cfg):
