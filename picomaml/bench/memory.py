@@ -5,9 +5,10 @@
 For each (size, batch) a fresh process runs the real training entry point
 (``python -m picomaml.train model=<size> data.batch_size=<batch> trainer.max_steps=<steps>
 callbacks=none``: the embedded wiki data, AdamW, no validation inside the steps) and its peak is
-measured: on the CPU the child's peak resident set size (``ru_maxrss`` from ``os.wait4``, the kernel's own
-high-water mark, so no sampling can miss it); on CUDA ``torch.cuda.max_memory_allocated`` printed by the
-child. The peak of a step comes at step 2 (AdamW's moments exist from step 1), so ``steps >= 2``.
+measured: on the CPU the child's peak resident set size (``VmHWM``, the kernel's own high-water mark, so
+no sampling can miss it; see :func:`picomaml.bench.common.peak_rss_mb`); on CUDA
+``torch.cuda.max_memory_allocated`` printed by the child. The peak of a step comes at step 2 (AdamW's
+moments exist from step 1), so ``steps >= 2``.
 
 First a ``runtime`` child measures the CPU baseline term: the same process (the same imports, the
 config, the data module set up, with ``meta`` on its word index built, and one batch drawn) without a
@@ -28,8 +29,15 @@ from pathlib import Path
 
 from picomaml.bench.common import cpu_name, parse_args
 
-_BASELINE = r"""
-import json, os, resource, sys
+# the last thing each child does: print its own peak resident size (see common.peak_rss_mb)
+_PRINT_PEAK = r"""
+from picomaml.bench.common import peak_rss_mb
+print("PICOMAML_PEAK_RSS_MB", peak_rss_mb(), flush=True)
+"""
+
+_BASELINE = (
+    r"""
+import json, sys
 import picomaml.train  # every import of a training process (torch, lightning, hydra, optuna)
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
@@ -47,8 +55,11 @@ if meta.enabled:
 datamodule.setup("fit")
 next(iter(datamodule.train_dataloader()))
 """
+    + _PRINT_PEAK
+)
 
-_TRAIN = r"""
+_TRAIN = (
+    r"""
 import json, runpy, sys
 import torch
 sys.argv = ["picomaml.train", *json.loads(sys.argv[1])]
@@ -60,21 +71,22 @@ except SystemExit as err:
 if torch.cuda.is_available():
     print("PICOMAML_CUDA_PEAK", torch.cuda.max_memory_allocated(), flush=True)
 """
+    + _PRINT_PEAK
+)
 
 
 def _run_child(code: str, args: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run ``python -c code args``; returns its peak RSS in bytes (wait4) and its stdout."""
+    """Run ``python -c code args``; return its peak RSS in bytes (its ``_PRINT_PEAK`` line) and stdout."""
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(
+        proc = subprocess.run(
             [sys.executable, "-c", code, *args], stdout=out, stderr=subprocess.STDOUT, env=env, text=True
         )
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         text = out.read()
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}):\n{text[-3000:]}")
-    return usage.ru_maxrss * 1024, text  # Linux reports kilobytes
+    peak_mb = next(line.split()[1] for line in text.splitlines() if line.startswith("PICOMAML_PEAK_RSS_MB"))
+    return int(float(peak_mb) * 2**20), text
 
 
 def bench_memory(argv: list[str]) -> dict[str, object]:

@@ -14,7 +14,7 @@ process with the same thread count. ``tokens_per_s_best`` and ``mfu_best`` use t
 ``attention=linear`` benchmarks the model with ``model.attention=linear``; ``seq_len`` above the preset's
 ``max_seq_len`` raises that limit for the run (RoPE has no table to outgrow). Peak memory
 (``peak_memory_mb``): on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (weights,
-optimizer state and activations); on CPU the process's peak resident set size (``getrusage``), so it
+optimizer state and activations); on CPU the process's peak resident set size (``VmHWM``), so it
 also holds the interpreter and libraries, the same for every configuration.
 
 Comma-separated ``attention`` and ``seq_len`` compare configurations: each combination runs in its own
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from picomaml.bench.common import cpu_name, matmul_peak_flops, parse_args, sync
+from picomaml.bench.common import cpu_name, matmul_peak_flops, parse_args, peak_rss_mb, sync
 from picomaml.model import PicoDecoder, load_model_config, model_flops_per_token
 from picomaml.model.pico_decoder import ATTENTION_KINDS
 
@@ -148,7 +147,7 @@ def _bench_one(args: dict[str, object], attention: str, seq_len: int) -> dict[st
         # The fastest step estimates the uncontended speed on a machine shared with other jobs.
         "tokens_per_s_best": batch * seq_len / min(times),
         "mfu_best": flops_per_token * batch * seq_len / min(times) / peak,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "peak_memory_mb": _peak_memory_mb(device),
         "peak_memory_kind": "cuda_max_memory_allocated" if device.type == "cuda" else "process_peak_rss",
         "num_parameters": model.num_parameters(),
@@ -168,7 +167,7 @@ def _bench_one(args: dict[str, object], attention: str, seq_len: int) -> dict[st
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_mb()
 
 
 def _compare(
