@@ -164,14 +164,19 @@ def test_partitions_gres_types_and_node_combinations() -> None:
 # on the local cluster
 
 
+# pytest numbers its temporary dirs afresh once /tmp/pytest-of-<user> is gone, while the cluster's
+# accounting database keeps every job: a tmp_path can be a dir that an earlier session's jobs ran in
+SESSION_START = time.time()
+
+
 def jobs_from(workdir: Path, since: float | None = None) -> set[str]:
     """Raw ids of the SLURM jobs (queued, running or finished; an array's tasks one by one) submitted
-    from ``workdir`` since ``since`` (a ``time.time()``; default: the last day). Other sessions' jobs on
-    the same cluster are told apart by their working dir."""
+    from ``workdir`` since ``since`` (a ``time.time()``; default: when this test session started). Other
+    sessions' jobs on the same cluster are told apart by their working dir and time."""
     queued = subprocess.run(
         ["squeue", "-h", "-o", "%i|%Z"], capture_output=True, text=True, check=True
     ).stdout
-    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(since)) if since else "now-1days"
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(SESSION_START if since is None else since))
     done = subprocess.run(
         ["sacct", "-X", "-n", "-P", "-S", start, "-o", "JobIDRaw,WorkDir"],
         capture_output=True,
