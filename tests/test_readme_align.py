@@ -1,4 +1,5 @@
-"""The README's post-training commands (pretrain, SFT, DPO, a DPO sweep over beta), run exactly as written.
+"""The README's post-training commands (pretrain, SFT, DPO, a DPO sweep over beta, locally and on the
+local SLURM cluster), run exactly as written.
 
 As tests/test_readme_sweeps.py does for the sweeps: the commands are read from the section's bash block,
 so a README edit is what gets tested, and run with ``bash -c`` one after the other in a fresh working
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
 from tests.test_readme_sweeps import readme_sweep_commands
 
 SECTION = "### Post-training: SFT, then DPO"
@@ -23,13 +25,18 @@ SECTION = "### Post-training: SFT, then DPO"
 
 def test_section_has_the_commands_this_test_checks() -> None:
     commands = readme_sweep_commands(section=SECTION)
-    assert [c.split()[:3] for c in commands] == [["python", "-m", "picomaml.train"]] + 3 * [
-        ["python", "-m", "picomaml.align"]
+    assert [c.split()[:3] for c in commands] == [
+        ["python", "-m", "picomaml.train"],
+        *3 * [["python", "-m", "picomaml.align"]],
+        ["bash", "launchers/slurm_local_cluster.sh", "start"],
+        ["python", "-m", "picomaml.align"],
     ]
-    assert [c.split()[3] for c in commands[1:]] == ["stage=sft", "stage=dpo", "-m"]
+    assert [c.split()[3] for c in commands[1:4]] == ["stage=sft", "stage=dpo", "-m"]
+    assert commands[5].split()[3:5] == ["-m", "hydra/launcher=slurm_local"]
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("slurm_cluster")
 def test_readme_post_training_runs_as_written(tmp_path: Path, cache_dir: Path) -> None:
     env = {
         **os.environ,
@@ -39,6 +46,9 @@ def test_readme_post_training_runs_as_written(tmp_path: Path, cache_dir: Path) -
         "HF_HUB_OFFLINE": "1",
     }
     env.pop("PICOMAML_ROOT", None)
+    if os.geteuid() != 0:
+        pytest.skip("the README's slurm_local_cluster.sh start runs as root")
+    (tmp_path / "launchers").symlink_to(REPO / "launchers")
     for command in readme_sweep_commands(section=SECTION):
         proc = subprocess.run(
             ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200
@@ -46,9 +56,13 @@ def test_readme_post_training_runs_as_written(tmp_path: Path, cache_dir: Path) -
         assert proc.returncode == 0, (command, (proc.stdout + proc.stderr)[-4000:])
 
     outputs = tmp_path / "outputs"
+    # the two sweeps' dirs are named by their start time: the local one, then the one on SLURM
+    local_sweep, slurm_sweep = sorted((outputs / "align" / "multirun").glob("*/*"))
     reports = [outputs / "align" / "runs" / "seq_dpo_shuffle" / "eval_results" / "dpo_test.json"]
-    reports += sorted((outputs / "align" / "multirun").glob("*/*/[0-9]/eval_results/dpo_test.json"))
-    assert len(reports) == 3
+    reports += sorted(local_sweep.glob("[0-9]/eval_results/dpo_test.json"))
+    reports += sorted(slurm_sweep.glob("[0-9]/eval_results/dpo_test.json"))
+    assert len(reports) == 5
+    assert len(list(slurm_sweep.glob(".submitit/*/*_result.pkl"))) == 2  # both jobs ran through SLURM
     for path in reports:
         report = json.loads(path.read_text())
         # before DPO the policy is its reference: loss log 2, accuracy one half by ties
@@ -58,4 +72,4 @@ def test_readme_post_training_runs_as_written(tmp_path: Path, cache_dir: Path) -
     shuffle = json.loads(reports[0].read_text())
     # the README's claim: with shuffled rejections DPO learns the preference on unseen pairs
     assert shuffle["after"]["pref_acc"] > 0.8 and shuffle["after"]["dpo_loss"] < math.log(2)
-    assert sorted(json.loads(path.read_text())["beta"] for path in reports[1:]) == [0.1, 0.5]
+    assert [json.loads(path.read_text())["beta"] for path in reports[1:]] == [0.1, 0.5, 0.1, 0.5]
