@@ -257,11 +257,10 @@ def pack_splits(
         n = int(lengths[doc_mask].sum())
         padded = np.empty(max(1, -(-n // width)) * width if n else 0, dtype=np.int32)
         filled = 0
-        for start, end in zip(run_starts, run_ends, strict=True):
-            if codes[start] == code:
-                run = tokens[doc_offsets[start] : doc_offsets[end]]
-                padded[filled : filled + len(run)] = run
-                filled += len(run)
+        mine = codes[run_starts] == code
+        for start, end in zip(doc_offsets[run_starts[mine]], doc_offsets[run_ends[mine]], strict=True):
+            padded[filled : filled + end - start] = tokens[start:end]
+            filled += end - start
         while 0 < filled < len(padded):  # complete the last row from the split's own start
             more = min(filled, len(padded) - filled)
             padded[filled : filled + more] = padded[:more]
