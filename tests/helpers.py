@@ -19,11 +19,23 @@ from omegaconf import DictConfig, open_dict
 
 from picomaml.config import CONF_DIR
 from picomaml.lit.dynamics import LearningDynamics
+from picomaml.model import ModelConfig
 from picomaml.train import prepare_run, save_training_config
 
 REPO = Path(__file__).resolve().parents[1]
 KIT = REPO / "launchers" / "slurm_local_cluster.sh"
 VAL_ROWS = 4  # validation rows of the tiny runs' learning-dynamics dumps
+
+# a one-layer model that builds in milliseconds, for tests of the code around a model
+MICRO_MODEL = ModelConfig(
+    d_model=16,
+    n_layers=1,
+    attention_n_heads=2,
+    attention_n_kv_heads=1,
+    activation_hidden_dim=32,
+    vocab_size=64,
+    max_seq_len=32,
+)
 
 
 def compose_root(root: str, overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:

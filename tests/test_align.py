@@ -25,10 +25,10 @@ from picomaml.align.run import prepare_align
 from picomaml.config import ConfigError
 from picomaml.data import PicoDataModule
 from picomaml.lit.optim import OptimConfig
-from picomaml.model import ModelConfig, PicoDecoder
+from picomaml.model import PicoDecoder
 from picomaml.runs import read_checkpoint, resolve_checkpoint
 from picomaml.train import prepare_run, save_training_config, train
-from tests.helpers import FAST, REPO, compose_align, compose_train
+from tests.helpers import FAST, MICRO_MODEL, REPO, compose_align, compose_train
 
 # --- the DPO maths, against the paper's formula written out independently --------------------------
 
@@ -110,15 +110,7 @@ def test_preference_accuracy_on_fixed_logprobs() -> None:
 
 def test_response_logprobs_equal_the_dense_computation_on_a_collated_batch() -> None:
     torch.manual_seed(0)
-    config = ModelConfig(
-        d_model=16,
-        n_layers=1,
-        attention_n_heads=2,
-        attention_n_kv_heads=1,
-        activation_hidden_dim=32,
-        vocab_size=64,
-        max_seq_len=32,
-    )
+    config = MICRO_MODEL
     model = PicoDecoder(config).eval()
     from picomaml.align.preferences import PreferencePair
 
@@ -233,19 +225,8 @@ def test_a_split_without_pairs_is_one_clear_error(cache_dir: Path) -> None:
         build_pairs(data, DPOStage(prompt_tokens=500))
 
 
-# --- config errors ---------------------------------------------------------------------------------------
-
-
 def test_the_test_scores_the_best_validations_policy_and_checkpoints_keep_it() -> None:
-    config = ModelConfig(
-        d_model=16,
-        n_layers=1,
-        attention_n_heads=2,
-        attention_n_kv_heads=1,
-        activation_hidden_dim=32,
-        vocab_size=32,
-        max_seq_len=16,
-    )
+    config = MICRO_MODEL
     torch.manual_seed(0)
     init = PicoDecoder(config).state_dict()
     module = DPOLitModule(config, OptimConfig(), init, beta=0.1, monitor="val/dpo_loss", monitor_mode="min")
@@ -268,6 +249,9 @@ def test_the_test_scores_the_best_validations_policy_and_checkpoints_keep_it() -
         assert candidate.use_best_policy() == {"val/dpo_loss": 0.41} and candidate.scored_step == 8
         for name, value in candidate.model.state_dict().items():
             torch.testing.assert_close(value, snapshots[8][name], rtol=0, atol=0)
+
+
+# --- config errors ---------------------------------------------------------------------------------------
 
 
 def test_stage_is_required_and_named(tmp_path: Path) -> None:

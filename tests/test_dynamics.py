@@ -21,7 +21,7 @@ from picomaml.lit.checkpointing import checkpoint_steps
 from picomaml.lit.dynamics import match_modules
 from picomaml.model import ModelConfig, PicoDecoder
 from picomaml.train import train
-from tests.helpers import FAST, VAL_ROWS, compose_train
+from tests.helpers import FAST, MICRO_MODEL, VAL_ROWS, compose_train
 
 DYNAMICS_STEPS = [0, 1, 2, 4]  # log-spaced 0, 1 (until 1), then every 2, for max_steps=4
 
@@ -34,17 +34,7 @@ def test_checkpoint_steps_are_log_spaced_then_regular() -> None:
 
 
 def test_a_layer_suffix_matching_nothing_is_refused() -> None:
-    model = PicoDecoder(
-        ModelConfig(
-            d_model=16,
-            n_layers=1,
-            attention_n_heads=2,
-            attention_n_kv_heads=1,
-            activation_hidden_dim=32,
-            vocab_size=64,
-            max_seq_len=16,
-        )
-    )
+    model = PicoDecoder(MICRO_MODEL)
     with pytest.raises(ValueError, match=r"suffix 'attention.w_9' matches no module.*layers\.0\.attention"):
         match_modules(model, ["attention.v_proj", "attention.w_9"])
 

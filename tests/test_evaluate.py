@@ -15,24 +15,16 @@ from picomaml.eval.light import evaluate_light
 from picomaml.eval.lm import document_batches, evaluate_lm
 from picomaml.eval.meta import load_meta_config
 from picomaml.evaluate import main
-from picomaml.model import ModelConfig, PicoDecoder
+from picomaml.model import PicoDecoder
 from picomaml.runs import RunError, load_run
+from tests.helpers import MICRO_MODEL
 
 BOS, PAD = 0, 63
 
 
 def tiny_model() -> PicoDecoder:
     torch.manual_seed(0)
-    config = ModelConfig(
-        d_model=16,
-        n_layers=1,
-        attention_n_heads=2,
-        attention_n_kv_heads=1,
-        activation_hidden_dim=32,
-        vocab_size=64,
-        max_seq_len=16,
-    )
-    return PicoDecoder(config).eval()
+    return PicoDecoder(MICRO_MODEL).eval()
 
 
 def nll_by_hand(model: PicoDecoder, window: list[int]) -> list[float]:

@@ -12,13 +12,12 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO
-from tests.test_readme_sweeps import readme_sweep_commands
+from tests.test_readme_sweeps import readme_env, readme_sweep_commands
 
 SECTION = "### Post-training: SFT, then DPO"
 
@@ -38,14 +37,7 @@ def test_section_has_the_commands_this_test_checks() -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("slurm_cluster")
 def test_readme_post_training_runs_as_written(tmp_path: Path, cache_dir: Path) -> None:
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PICOMAML_CACHE": str(cache_dir),
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-    }
-    env.pop("PICOMAML_ROOT", None)
+    env = readme_env(cache_dir)
     if os.geteuid() != 0:
         pytest.skip("the README's slurm_local_cluster.sh start runs as root")
     (tmp_path / "launchers").symlink_to(REPO / "launchers")

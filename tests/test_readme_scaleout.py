@@ -11,15 +11,13 @@ checks the model it reports on.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.test_readme_sweeps import readme_sweep_commands
+from tests.test_readme_sweeps import readme_env, readme_sweep_commands
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Search and scale-out"
@@ -58,14 +56,7 @@ def _run(command: str, cwd: Path, env: dict[str, str], timeout: float) -> subpro
 @pytest.mark.usefixtures("slurm_cluster")
 def test_readme_scaleout_runs_as_written(tmp_path: Path, cache_dir: Path) -> None:
     commands = _commands()
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PICOMAML_CACHE": str(cache_dir),
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-    }
-    env.pop("PICOMAML_ROOT", None)
+    env = readme_env(cache_dir)
 
     # a run predicted over this machine's memory: one line naming the override, nothing written
     proc = _run(commands["refused"], tmp_path, env, timeout=300)

@@ -49,6 +49,20 @@ def readme_sweep_commands(readme: Path = REPO / "README.md", section: str = SECT
     return commands
 
 
+def readme_env(cache_dir: Path) -> dict[str, str]:
+    """The environment a user's shell gives the README's commands: this venv's ``python`` first on PATH,
+    outputs under the working dir (no PICOMAML_ROOT), the session's data cache, no network."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PICOMAML_CACHE": str(cache_dir),
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.pop("PICOMAML_ROOT", None)
+    return env
+
+
 def test_section_has_the_commands_this_test_checks() -> None:
     commands = readme_sweep_commands()
     assert [c.split()[:3] for c in commands] == [
@@ -100,14 +114,7 @@ def test_readme_sweeps_run_as_written(tmp_path: Path, cache_dir: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("the README's first line (slurm_local_cluster.sh start) runs as root")
     (tmp_path / "launchers").symlink_to(REPO / "launchers")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PICOMAML_CACHE": str(cache_dir),
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-    }
-    env.pop("PICOMAML_ROOT", None)
+    env = readme_env(cache_dir)
     start, grid, report, optuna_line = readme_sweep_commands()
     # jobs of this run only (sacct's clock has whole seconds)
     started = time.time() - 1
