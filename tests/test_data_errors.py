@@ -235,22 +235,17 @@ def test_a_50_mb_one_line_file_trains_in_bounded_memory(tmp_path: Path) -> None:
     script = f"""
 import json
 from pathlib import Path
+from picomaml.bench.common import peak_rss_mb, proc_status_mb
 from picomaml.data import PicoDataModule
-
-def status_mb(field):
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
-    return int(line.split()[1]) / 1024  # kB
-
 dm = PicoDataModule(corpus="text", corpus_options={{"paths": {str(path)!r}}}, seq_len=256, val_fraction=0.0,
                     meta_test_fraction=0.0, val_batches=0, cache_dir={str(tmp_path / "cache")!r})
 dm.tokenizer.backend_tokenizer.encode_batch_fast(["warm up"])  # the tokenizer's own memory is not the file's
-# this process's peak from here on: ru_maxrss would not do, Linux carries the parent's (pytest's) resident
-# size at fork into the child's ru_maxrss across exec
+# this process's own peak from here on (peak_rss_mb: not ru_maxrss, which starts at pytest's size)
 Path("/proc/self/clear_refs").write_text("5")
-before = status_mb("VmRSS")
+before = proc_status_mb("VmRSS")
 dm.setup("fit")  # builds the packed cache: what check() (prepare_run) and fit do first
 stream = dm.packed.train.stream
-growth_mb = status_mb("VmHWM") - before
+growth_mb = peak_rss_mb() - before
 print(json.dumps({{"growth_mb": growth_mb, "docs": stream.n_docs, "tokens": len(stream.tokens)}}))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -11,14 +11,19 @@ from pathlib import Path
 import torch
 
 
+def proc_status_mb(field: str) -> float:
+    """A memory field of this process's ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field} line (memory is measured on Linux)")
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size in MiB: ``VmHWM``, the kernel's high-water mark of this
     process's own memory. Not ``ru_maxrss``: Linux starts a child's at its parent's resident size at fork
     and keeps it across exec, so a small benchmark child started by a big parent would report the parent."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("/proc/self/status has no VmHWM line (peak memory is measured on Linux)")
+    return proc_status_mb("VmHWM")
 
 
 def parse_args(argv: list[str], defaults: dict[str, object], prog: str, doc: str = "") -> dict[str, object]:

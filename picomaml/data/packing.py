@@ -255,7 +255,7 @@ def pack_splits(
     for code, name in enumerate(SPLITS):
         doc_mask = codes == code
         n = int(lengths[doc_mask].sum())
-        padded = np.empty(max(1, -(-n // width)) * width if n else 0, dtype=np.int32)
+        padded = np.empty(-(-n // width) * width, dtype=np.int32)  # whole rows; none without tokens
         filled = 0
         mine = codes[run_starts] == code
         for start, end in zip(doc_offsets[run_starts[mine]], doc_offsets[run_ends[mine]], strict=True):
