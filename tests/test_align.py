@@ -110,8 +110,7 @@ def test_preference_accuracy_on_fixed_logprobs() -> None:
 
 def test_response_logprobs_equal_the_dense_computation_on_a_collated_batch() -> None:
     torch.manual_seed(0)
-    config = MICRO_MODEL
-    model = PicoDecoder(config).eval()
+    model = PicoDecoder(MICRO_MODEL).eval()
     from picomaml.align.preferences import PreferencePair
 
     pairs = [
@@ -226,10 +225,14 @@ def test_a_split_without_pairs_is_one_clear_error(cache_dir: Path) -> None:
 
 
 def test_the_test_scores_the_best_validations_policy_and_checkpoints_keep_it() -> None:
-    config = MICRO_MODEL
     torch.manual_seed(0)
-    init = PicoDecoder(config).state_dict()
-    module = DPOLitModule(config, OptimConfig(), init, beta=0.1, monitor="val/dpo_loss", monitor_mode="min")
+    init = PicoDecoder(MICRO_MODEL).state_dict()
+
+    def dpo_module() -> DPOLitModule:
+        optim = OptimConfig()
+        return DPOLitModule(MICRO_MODEL, optim, init, beta=0.1, monitor="val/dpo_loss", monitor_mode="min")
+
+    module = dpo_module()
     assert module.use_best_policy() == {}  # no validation yet: the policy stays as it is
     snapshots = {}
     for step, loss in ((4, 0.69), (8, 0.41), (12, 0.41), (16, 0.55)):  # the best is the first 0.41
@@ -243,7 +246,7 @@ def test_the_test_scores_the_best_validations_policy_and_checkpoints_keep_it() -
             module.best["step"] = step  # no trainer here: global_step stays 0
     checkpoint = {"state_dict": module.state_dict(), "picomaml": {}}
     module.on_save_checkpoint(checkpoint)
-    resumed = DPOLitModule(config, OptimConfig(), init, beta=0.1, monitor="val/dpo_loss", monitor_mode="min")
+    resumed = dpo_module()
     resumed.on_load_checkpoint(checkpoint)
     for candidate in (module, resumed):
         assert candidate.use_best_policy() == {"val/dpo_loss": 0.41} and candidate.scored_step == 8

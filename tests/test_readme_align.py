@@ -37,9 +37,9 @@ def test_section_has_the_commands_this_test_checks() -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("slurm_cluster")
 def test_readme_post_training_runs_as_written(tmp_path: Path, cache_dir: Path) -> None:
-    env = readme_env(cache_dir)
     if os.geteuid() != 0:
         pytest.skip("the README's slurm_local_cluster.sh start runs as root")
+    env = readme_env(cache_dir)
     (tmp_path / "launchers").symlink_to(REPO / "launchers")
     for command in readme_sweep_commands(section=SECTION):
         proc = subprocess.run(
